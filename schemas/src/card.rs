@@ -69,14 +69,21 @@ fn yaml_string(s: &str) -> String {
 pub fn render_card(input: &CardInput) -> String {
     let m = input.manifest;
     let mut out = String::new();
-    let mut tags = vec!["mental-image-retrieval", "multi-round-retrieval", "synthetic", "mirgen"];
+    let mut tags = vec![
+        "mental-image-retrieval",
+        "multi-round-retrieval",
+        "synthetic",
+        "mirgen",
+    ];
     if input.smoke_test {
         tags.push("smoke-test");
     }
     out.push_str("---\n");
     let _ = writeln!(out, "license: {}", input.license);
     let _ = writeln!(out, "pretty_name: {}", yaml_string(input.pretty_name));
-    out.push_str("task_categories:\n- text-to-image\n- image-to-text\n- image-feature-extraction\n");
+    out.push_str(
+        "task_categories:\n- text-to-image\n- image-to-text\n- image-feature-extraction\n",
+    );
     out.push_str("tags:\n");
     for t in &tags {
         let _ = writeln!(out, "- {t}");
@@ -122,7 +129,11 @@ pub fn render_card(input: &CardInput) -> String {
     let _ = writeln!(out, "| rows | {} |", m.stats.rows);
     let _ = writeln!(out, "| failed rows | {} |", m.stats.failed_rows);
     let _ = writeln!(out, "| corpus images | {} |", m.stats.corpus_size);
-    let _ = writeln!(out, "| corpus images that failed to decode | {} |", m.stats.corpus_failures.len());
+    let _ = writeln!(
+        out,
+        "| corpus images that failed to decode | {} |",
+        m.stats.corpus_failures.len()
+    );
     let _ = writeln!(out, "| seed | {} |", m.seed);
     let _ = writeln!(out, "| config hash | `{}` |", m.config_hash);
     let _ = writeln!(out, "| mirgen version | {} |\n", m.mirgen_version);
@@ -180,7 +191,13 @@ mod tests {
             seed: 1,
             rounds: 10,
             data_files: vec![],
-            stats: RunStats { rows: 22, targets: 2, cumulative_hits_at_10: vec![50.0], per_round_hits_at_10: vec![50.0], ..Default::default() },
+            stats: RunStats {
+                rows: 22,
+                targets: 2,
+                cumulative_hits_at_10: vec![50.0],
+                per_round_hits_at_10: vec![50.0],
+                ..Default::default()
+            },
             created_unix: 0,
         };
         let card = render_card(&CardInput {

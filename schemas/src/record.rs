@@ -193,7 +193,8 @@ pub fn record_schema() -> SchemaRef {
         Field::new("timings", DataType::Struct(timing_fields()), false),
     ];
     let hf = serde_json::json!({"info": {"features": hf_features()}});
-    let metadata: std::collections::HashMap<String, String> = [("huggingface".to_string(), hf.to_string())].into();
+    let metadata: std::collections::HashMap<String, String> =
+        [("huggingface".to_string(), hf.to_string())].into();
     Arc::new(Schema::new_with_metadata(fields, metadata))
 }
 
@@ -238,7 +239,12 @@ pub fn records_to_batch(records: &[Record]) -> Result<RecordBatch, SchemaError> 
         scores.append(true);
     }
     let timing = |f: &dyn Fn(&StageTimings) -> f32| -> ArrayRef {
-        Arc::new(records.iter().map(|r| f(&r.timings)).collect::<Float32Array>())
+        Arc::new(
+            records
+                .iter()
+                .map(|r| f(&r.timings))
+                .collect::<Float32Array>(),
+        )
     };
     let timings = StructArray::new(
         timing_fields(),
@@ -263,8 +269,18 @@ pub fn records_to_batch(records: &[Record]) -> Result<RecordBatch, SchemaError> 
         )),
         Arc::new(ids.finish()),
         Arc::new(scores.finish()),
-        Arc::new(records.iter().map(|r| r.target_rank).collect::<Int64Array>()),
-        Arc::new(records.iter().map(|r| r.hit_at_10).collect::<BooleanArray>()),
+        Arc::new(
+            records
+                .iter()
+                .map(|r| r.target_rank)
+                .collect::<Int64Array>(),
+        ),
+        Arc::new(
+            records
+                .iter()
+                .map(|r| r.hit_at_10)
+                .collect::<BooleanArray>(),
+        ),
         strings(&|r| Some(r.status.as_str())),
         strings(&|r| r.error.as_deref()),
         Arc::new(records.iter().map(|r| r.seed).collect::<UInt64Array>()),
@@ -277,7 +293,9 @@ fn column<'a, T: 'static>(batch: &'a RecordBatch, name: &str) -> Result<&'a T, S
     batch
         .column_by_name(name)
         .and_then(|c| c.as_any().downcast_ref::<T>())
-        .ok_or_else(|| SchemaError::Mismatch(format!("column `{name}` is missing or has the wrong type")))
+        .ok_or_else(|| {
+            SchemaError::Mismatch(format!("column `{name}` is missing or has the wrong type"))
+        })
 }
 
 fn opt_str(a: &StringArray, i: usize) -> Option<String> {
@@ -297,7 +315,11 @@ fn image_cells(a: &StructArray) -> Result<Vec<Option<ImageCell>>, SchemaError> {
         .map(|i| {
             (a.is_valid(i) && bytes.is_valid(i)).then(|| ImageCell {
                 bytes: bytes.value(i).to_vec(),
-                path: paths.is_valid(i).then(|| paths.value(i)).unwrap_or("").to_string(),
+                path: paths
+                    .is_valid(i)
+                    .then(|| paths.value(i))
+                    .unwrap_or("")
+                    .to_string(),
             })
         })
         .collect())
@@ -339,12 +361,16 @@ pub fn records_from_batch(batch: &RecordBatch) -> Result<Vec<Record>, SchemaErro
         let id_list = id_list
             .as_any()
             .downcast_ref::<StringArray>()
-            .ok_or_else(|| SchemaError::Mismatch("retrieved_ids is not a list of strings".into()))?;
+            .ok_or_else(|| {
+                SchemaError::Mismatch("retrieved_ids is not a list of strings".into())
+            })?;
         let score_list = scores.value(i);
         let score_list = score_list
             .as_any()
             .downcast_ref::<Float32Array>()
-            .ok_or_else(|| SchemaError::Mismatch("retrieved_scores is not a list of float32".into()))?;
+            .ok_or_else(|| {
+                SchemaError::Mismatch("retrieved_scores is not a list of float32".into())
+            })?;
         let status_str = status.value(i);
         out.push(Record {
             target_id: target_id.value(i).to_string(),
@@ -353,7 +379,10 @@ pub fn records_from_batch(batch: &RecordBatch) -> Result<Vec<Record>, SchemaErro
             query: opt_str(query, i),
             feedback: opt_str(feedback, i),
             synthetic_image: synthetic_image.next().flatten(),
-            retrieved_ids: id_list.iter().map(|s| s.unwrap_or("").to_string()).collect(),
+            retrieved_ids: id_list
+                .iter()
+                .map(|s| s.unwrap_or("").to_string())
+                .collect(),
             retrieved_scores: score_list.values().to_vec(),
             target_rank: rank.is_valid(i).then(|| rank.value(i)),
             hit_at_10: hit.is_valid(i).then(|| hit.value(i)),
@@ -376,16 +405,25 @@ pub fn records_from_batch(batch: &RecordBatch) -> Result<Vec<Record>, SchemaErro
 /// embed images (the Hugging Face viewer reads one row group at a time).
 pub fn writer_properties(row_group_rows: usize) -> WriterProperties {
     WriterProperties::builder()
-        .set_compression(Compression::ZSTD(ZstdLevel::try_new(3).expect("valid zstd level")))
+        .set_compression(Compression::ZSTD(
+            ZstdLevel::try_new(3).expect("valid zstd level"),
+        ))
         .set_max_row_group_row_count(Some(row_group_rows.max(1)))
         .build()
 }
 
 /// Encodes records as a complete Parquet file in memory.
-pub fn records_to_parquet(records: &[Record], row_group_rows: usize) -> Result<Vec<u8>, SchemaError> {
+pub fn records_to_parquet(
+    records: &[Record],
+    row_group_rows: usize,
+) -> Result<Vec<u8>, SchemaError> {
     let batch = records_to_batch(records)?;
     let mut buf = Vec::new();
-    let mut writer = ArrowWriter::try_new(&mut buf, record_schema(), Some(writer_properties(row_group_rows)))?;
+    let mut writer = ArrowWriter::try_new(
+        &mut buf,
+        record_schema(),
+        Some(writer_properties(row_group_rows)),
+    )?;
     writer.write(&batch)?;
     writer.close()?;
     Ok(buf)
@@ -409,10 +447,16 @@ mod tests {
         Record {
             target_id: "a/b.jpg".into(),
             round,
-            target_image: Some(ImageCell { bytes: vec![1, 2, 3], path: "b.jpg".into() }),
+            target_image: Some(ImageCell {
+                bytes: vec![1, 2, 3],
+                path: "b.jpg".into(),
+            }),
             query: Some("a red bus".into()),
             feedback: (round > 0).then(|| "the bus is blue".into()),
-            synthetic_image: Some(ImageCell { bytes: vec![9], path: "b_0.png".into() }),
+            synthetic_image: Some(ImageCell {
+                bytes: vec![9],
+                path: "b_0.png".into(),
+            }),
             retrieved_ids: vec!["x.jpg".into(), "a/b.jpg".into()],
             retrieved_scores: vec![0.9, 0.5],
             target_rank: Some(1),
@@ -420,7 +464,12 @@ mod tests {
             status: RecordStatus::Ok,
             error: None,
             seed: 42,
-            timings: StageTimings { vlm_ms: 1.0, generate_ms: 2.0, embed_ms: 3.0, search_ms: 4.0 },
+            timings: StageTimings {
+                vlm_ms: 1.0,
+                generate_ms: 2.0,
+                embed_ms: 3.0,
+                search_ms: 4.0,
+            },
         }
     }
 
@@ -446,7 +495,11 @@ mod tests {
         let features = hf["info"]["features"].as_object().unwrap();
         assert_eq!(features.len(), schema.fields().len());
         for f in schema.fields() {
-            assert!(features.contains_key(f.name()), "no feature for {}", f.name());
+            assert!(
+                features.contains_key(f.name()),
+                "no feature for {}",
+                f.name()
+            );
         }
     }
 }

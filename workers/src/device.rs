@@ -7,7 +7,10 @@ use candle_core::Device;
 /// Returns the device and a human-readable line for the worker's log.
 pub fn select(preference: &str, worker_index: usize) -> (Device, String) {
     match preference {
-        "cpu" => (Device::Cpu, format!("worker {worker_index}: device cpu (configured)")),
+        "cpu" => (
+            Device::Cpu,
+            format!("worker {worker_index}: device cpu (configured)"),
+        ),
         _ => {
             if candle_core::utils::cuda_is_available() {
                 let count = cuda_device_count();

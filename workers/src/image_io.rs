@@ -51,7 +51,8 @@ pub fn encode(img: &RgbImage, encoding: ImageEncoding, quality: u8) -> Result<Ve
             .write_to(&mut out, ImageFormat::Png)
             .map_err(|e| WorkerError::Invalid(format!("PNG encoding failed: {e}")))?,
         ImageEncoding::Jpeg => {
-            let enc = image::codecs::jpeg::JpegEncoder::new_with_quality(&mut out, quality.clamp(1, 100));
+            let enc =
+                image::codecs::jpeg::JpegEncoder::new_with_quality(&mut out, quality.clamp(1, 100));
             img.write_with_encoder(enc)
                 .map_err(|e| WorkerError::Invalid(format!("JPEG encoding failed: {e}")))?
         }
@@ -67,12 +68,22 @@ mod tests {
     fn bad_inputs_are_named_errors() {
         let e = decode_rgb("x/empty.jpg", &[]).unwrap_err().to_string();
         assert!(e.contains("x/empty.jpg") && e.contains("empty"), "{e}");
-        let e = decode_rgb("notes.jpg", b"hello, I am text").unwrap_err().to_string();
-        assert!(e.contains("notes.jpg") && e.contains("not a recognised image"), "{e}");
+        let e = decode_rgb("notes.jpg", b"hello, I am text")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("notes.jpg") && e.contains("not a recognised image"),
+            "{e}"
+        );
         let img = RgbImage::from_fn(16, 8, |x, y| image::Rgb([x as u8 * 10, y as u8 * 20, 7]));
         let png = encode(&img, ImageEncoding::Png, 90).unwrap();
-        let e = decode_rgb("cut.png", &png[..png.len() / 2]).unwrap_err().to_string();
-        assert!(e.contains("cut.png") && e.contains("corrupt or truncated"), "{e}");
+        let e = decode_rgb("cut.png", &png[..png.len() / 2])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("cut.png") && e.contains("corrupt or truncated"),
+            "{e}"
+        );
         assert_eq!(decode_rgb("ok.png", &png).unwrap(), img);
     }
 }

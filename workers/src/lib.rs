@@ -26,6 +26,7 @@ pub mod vlm;
 
 use std::sync::Arc;
 
+pub use candle_core::Device;
 pub use image::RgbImage;
 pub use roles::{Prompts, QueryWriter};
 

@@ -48,7 +48,15 @@ impl Prompts {
                 if !allowed.contains(&p.as_str()) {
                     return Err(WorkerError::Invalid(format!(
                         "prompt `{name}` uses unknown placeholder {{{p}}}; allowed: {}",
-                        if allowed.is_empty() { "none".to_string() } else { allowed.iter().map(|a| format!("{{{a}}}")).collect::<Vec<_>>().join(", ") }
+                        if allowed.is_empty() {
+                            "none".to_string()
+                        } else {
+                            allowed
+                                .iter()
+                                .map(|a| format!("{{{a}}}"))
+                                .collect::<Vec<_>>()
+                                .join(", ")
+                        }
                     )));
                 }
             }
@@ -67,7 +75,10 @@ impl Prompts {
 
     /// (name, text) pairs for manifests and the dataset card.
     pub fn named(&self) -> Vec<(String, String)> {
-        ALLOWED.iter().map(|(n, _)| (n.to_string(), self.get(n).to_string())).collect()
+        ALLOWED
+            .iter()
+            .map(|(n, _)| (n.to_string(), self.get(n).to_string()))
+            .collect()
     }
 }
 
@@ -77,7 +88,12 @@ fn placeholders(text: &str) -> Vec<String> {
     while let Some(start) = rest.find('{') {
         let after = &rest[start + 1..];
         match after.find('}') {
-            Some(end) if after[..end].chars().all(|c| c.is_ascii_alphanumeric() || c == '_') && end > 0 => {
+            Some(end)
+                if after[..end]
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '_')
+                    && end > 0 =>
+            {
                 out.push(after[..end].to_string());
                 rest = &after[end + 1..];
             }
@@ -106,7 +122,11 @@ pub struct TokenBudgets {
 
 impl Default for TokenBudgets {
     fn default() -> Self {
-        TokenBudgets { caption: 500, compare: 400, refine: 500 }
+        TokenBudgets {
+            caption: 500,
+            compare: 400,
+            refine: 500,
+        }
     }
 }
 
@@ -140,7 +160,10 @@ impl QueryWriter {
             .iter()
             .map(|(img, seed)| VlmRequest {
                 images: vec![img.clone()],
-                system: Some(render(&self.prompts.caption_system, &[("max_tokens", &max)])),
+                system: Some(render(
+                    &self.prompts.caption_system,
+                    &[("max_tokens", &max)],
+                )),
                 prompt: self.prompts.caption_user.clone(),
                 max_new_tokens: self.budgets.caption,
                 seed: *seed,
@@ -154,7 +177,10 @@ impl QueryWriter {
             .map(|i| VlmRequest {
                 images: vec![i.target.clone(), i.synthetic.clone()],
                 system: None,
-                prompt: render(&self.prompts.compare, &[("previous_caption", &i.previous_caption)]),
+                prompt: render(
+                    &self.prompts.compare,
+                    &[("previous_caption", &i.previous_caption)],
+                ),
                 max_new_tokens: self.budgets.compare,
                 seed: i.seed,
             })
@@ -169,7 +195,10 @@ impl QueryWriter {
                 system: None,
                 prompt: render(
                     &self.prompts.refine,
-                    &[("comparison_feedback", &i.feedback), ("previous_caption", &i.previous_caption)],
+                    &[
+                        ("comparison_feedback", &i.feedback),
+                        ("previous_caption", &i.previous_caption),
+                    ],
                 ),
                 max_new_tokens: self.budgets.refine,
                 seed: i.seed,
@@ -190,10 +219,18 @@ mod tests {
     fn default_prompts_are_genir_and_valid() {
         let p = Prompts::default();
         p.validate().unwrap();
-        assert!(p.refine.contains("{comparison_feedback}") && p.compare.contains("{previous_caption}"));
-        let bad = Prompts { compare: "diff {caption}".into(), ..Default::default() };
+        assert!(
+            p.refine.contains("{comparison_feedback}") && p.compare.contains("{previous_caption}")
+        );
+        let bad = Prompts {
+            compare: "diff {caption}".into(),
+            ..Default::default()
+        };
         let e = bad.validate().unwrap_err().to_string();
-        assert!(e.contains("compare") && e.contains("{caption}") && e.contains("{previous_caption}"), "{e}");
+        assert!(
+            e.contains("compare") && e.contains("{caption}") && e.contains("{previous_caption}"),
+            "{e}"
+        );
         assert_eq!(render("a {x} b {y}", &[("x", "1"), ("y", "2")]), "a 1 b 2");
     }
 }

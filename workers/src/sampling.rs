@@ -16,9 +16,14 @@ impl Sampler {
         let sampling = if cfg.temperature <= 0.0 {
             Sampling::ArgMax
         } else if cfg.top_p >= 1.0 {
-            Sampling::All { temperature: cfg.temperature }
+            Sampling::All {
+                temperature: cfg.temperature,
+            }
         } else {
-            Sampling::TopP { p: cfg.top_p, temperature: cfg.temperature }
+            Sampling::TopP {
+                p: cfg.top_p,
+                temperature: cfg.temperature,
+            }
         };
         Sampler {
             processor: LogitsProcessor::from_sampling(seed, sampling),
@@ -29,8 +34,13 @@ impl Sampler {
     /// Samples the next token from 1-D logits, penalising `context` tokens.
     pub fn sample(&mut self, logits: &Tensor, context: &[u32]) -> Result<u32> {
         let logits = logits.to_dtype(DType::F32)?;
-        let logits = if (self.repetition_penalty - 1.0).abs() > f32::EPSILON && !context.is_empty() {
-            candle_transformers::utils::apply_repeat_penalty(&logits, self.repetition_penalty, context)?
+        let logits = if (self.repetition_penalty - 1.0).abs() > f32::EPSILON && !context.is_empty()
+        {
+            candle_transformers::utils::apply_repeat_penalty(
+                &logits,
+                self.repetition_penalty,
+                context,
+            )?
         } else {
             logits
         };

@@ -45,7 +45,9 @@ brick paper plastic close up view scene portrait landscape still life texture pa
 spotted shiny matte several many few one three four some each other side edge corner sky-blue \
 astronaut rocket space camera coffee cup chelsea cat chessboard rocket moon star stars snow ice rain";
 
-const PUNCT: &[&str] = &[".", ",", "'", ":", ";", "!", "?", "-", "(", ")", "\"", "{", "}", "_"];
+const PUNCT: &[&str] = &[
+    ".", ",", "'", ":", ";", "!", "?", "-", "(", ")", "\"", "{", "}", "_",
+];
 
 /// The smoke-test tokenizer: word-level, lowercase, whitespace/punctuation
 /// split; ids: `[PAD]`=0, `[UNK]`=1, `<bos>`=2, words, punctuation, `<eos>` last
@@ -58,7 +60,11 @@ pub fn tokenizer() -> Result<Tokenizer> {
         }
     }
     vocab.push(EOS.into());
-    let map: HashMap<String, u32> = vocab.iter().enumerate().map(|(i, w)| (w.clone(), i as u32)).collect();
+    let map: HashMap<String, u32> = vocab
+        .iter()
+        .enumerate()
+        .map(|(i, w)| (w.clone(), i as u32))
+        .collect();
     let model = WordLevel::builder()
         .vocab(map.into_iter().collect())
         .unk_token(UNK.into())
@@ -87,17 +93,31 @@ pub fn token_id(tok: &Tokenizer, token: &str) -> Result<u32> {
 /// `VarBuilder::from_tensors` — the same path as weights read from files.
 /// Values: 1-D `*weight` (norm scales) = 1, 1-D `*bias` = 0, others
 /// N(0, 1/fan_in), each seeded by (seed, parameter name).
+///
+/// `optional` lists parameters a model only loads when `contains_tensor`
+/// says they exist (e.g. CLIP's `class_embedding`, which candle otherwise
+/// fills with *unseeded* random values): they are created too.
 pub fn build_seeded<M>(
     seed: u64,
     device: &Device,
+    optional: &[(&str, &[usize])],
     build: impl Fn(VarBuilder) -> candle_core::Result<M>,
 ) -> Result<M> {
     let varmap = VarMap::new();
     build(VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu))?;
     let mut tensors = HashMap::new();
     let data = varmap.data().lock().expect("varmap lock");
-    for (name, var) in data.iter() {
-        let shape = var.shape().clone();
+    let mut params: Vec<(String, candle_core::Shape)> = data
+        .iter()
+        .map(|(n, v)| (n.clone(), v.shape().clone()))
+        .collect();
+    params.extend(
+        optional
+            .iter()
+            .map(|(n, s)| (n.to_string(), candle_core::Shape::from(s.to_vec()))),
+    );
+    for (name, shape) in params.iter() {
+        let shape = shape.clone();
         let dims = shape.dims();
         let n = shape.elem_count();
         let values: Vec<f32> = if dims.len() == 1 && name.ends_with("weight") {
@@ -106,13 +126,24 @@ pub fn build_seeded<M>(
             vec![0.0; n]
         } else {
             let fan_in: usize = dims.iter().skip(1).product::<usize>().max(1);
-            let std = if dims.len() >= 2 { (1.0 / fan_in as f32).sqrt() } else { 0.02 };
-            gaussian(derive_seed(seed, &[name]), n).into_iter().map(|v| v * std).collect()
+            let std = if dims.len() >= 2 {
+                (1.0 / fan_in as f32).sqrt()
+            } else {
+                0.02
+            };
+            gaussian(derive_seed(seed, &[name]), n)
+                .into_iter()
+                .map(|v| v * std)
+                .collect()
         };
         tensors.insert(name.clone(), Tensor::from_vec(values, shape, device)?);
     }
     drop(data);
-    Ok(build(VarBuilder::from_tensors(tensors, DType::F32, device))?)
+    Ok(build(VarBuilder::from_tensors(
+        tensors,
+        DType::F32,
+        device,
+    ))?)
 }
 
 #[cfg(test)]
@@ -127,16 +158,29 @@ mod tests {
         let enc = tok.encode("A red Zeppelin, near the sea.", false).unwrap();
         let ids = enc.get_ids();
         assert_eq!(ids[0], token_id(&tok, "a").unwrap());
-        assert!(ids.contains(&token_id(&tok, UNK).unwrap()), "`zeppelin` is unknown");
-        assert_eq!(tok.decode(&[token_id(&tok, "red").unwrap(), token_id(&tok, "sea").unwrap()], true).unwrap(), "red sea");
+        assert!(
+            ids.contains(&token_id(&tok, UNK).unwrap()),
+            "`zeppelin` is unknown"
+        );
+        assert_eq!(
+            tok.decode(
+                &[
+                    token_id(&tok, "red").unwrap(),
+                    token_id(&tok, "sea").unwrap()
+                ],
+                true
+            )
+            .unwrap(),
+            "red sea"
+        );
     }
 
     #[test]
     fn seeded_weights_are_reproducible() {
         let build = |vb: VarBuilder| candle_nn::linear(4, 3, vb.pp("proj"));
-        let a = build_seeded(7, &Device::Cpu, build).unwrap();
-        let b = build_seeded(7, &Device::Cpu, build).unwrap();
-        let c = build_seeded(8, &Device::Cpu, build).unwrap();
+        let a = build_seeded(7, &Device::Cpu, &[], build).unwrap();
+        let b = build_seeded(7, &Device::Cpu, &[], build).unwrap();
+        let c = build_seeded(8, &Device::Cpu, &[], build).unwrap();
         let w = |l: &candle_nn::Linear| l.weight().flatten_all().unwrap().to_vec1::<f32>().unwrap();
         assert_eq!(w(&a), w(&b));
         assert_ne!(w(&a), w(&c));

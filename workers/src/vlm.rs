@@ -71,10 +71,18 @@ impl PaliGemmaStyleVlm {
             vocab_size,
             max_position_embeddings: 2048,
         };
-        let parts = tiny::build_seeded(derive_seed(seed, &["tiny-vlm"]), device, |vb| {
+        let parts = tiny::build_seeded(derive_seed(seed, &["tiny-vlm"]), device, &[], |vb| {
             Ok(Parts {
-                vision: siglip::VisionModel::new(&vision_cfg, false, vb.pp("vision_tower").pp("vision_model"))?,
-                projector: candle_nn::linear(vision_cfg.hidden_size, text_cfg.hidden_size, vb.pp("multi_modal_projector").pp("linear"))?,
+                vision: siglip::VisionModel::new(
+                    &vision_cfg,
+                    false,
+                    vb.pp("vision_tower").pp("vision_model"),
+                )?,
+                projector: candle_nn::linear(
+                    vision_cfg.hidden_size,
+                    text_cfg.hidden_size,
+                    vb.pp("multi_modal_projector").pp("linear"),
+                )?,
                 lm: gemma::Model::new(false, &text_cfg, vb.pp("language_model"))?,
             })
         })?;
@@ -105,14 +113,21 @@ impl PaliGemmaStyleVlm {
         let mut prefix = Vec::new();
         for img in &req.images {
             let pixels = self.processor.batch(&[img.as_ref()], &self.device)?;
-            let feats = self.parts.vision.forward(&pixels)?.apply(&self.parts.projector)?;
+            let feats = self
+                .parts
+                .vision
+                .forward(&pixels)?
+                .apply(&self.parts.projector)?;
             prefix.push((feats * self.image_scale)?);
         }
         let text = match &req.system {
             Some(s) => format!("{s}\n{}", req.prompt),
             None => req.prompt.clone(),
         };
-        let enc = self.tokenizer.encode(text.as_str(), false).map_err(|e| WorkerError::Tokenizer(e.to_string()))?;
+        let enc = self
+            .tokenizer
+            .encode(text.as_str(), false)
+            .map_err(|e| WorkerError::Tokenizer(e.to_string()))?;
         let mut context: Vec<u32> = vec![self.bos_id];
         context.extend(enc.get_ids());
         let ids = Tensor::new(context.as_slice(), &self.device)?.unsqueeze(0)?;
@@ -143,7 +158,10 @@ impl PaliGemmaStyleVlm {
             .tokenizer
             .decode(&generated, true)
             .map_err(|e| WorkerError::Tokenizer(e.to_string()))?;
-        Ok(VlmOutput { text, token_ids: generated })
+        Ok(VlmOutput {
+            text,
+            token_ids: generated,
+        })
     }
 }
 
@@ -167,8 +185,12 @@ mod tests {
     #[test]
     fn tiny_vlm_is_seeded_and_sees_images() {
         let mut vlm = PaliGemmaStyleVlm::tiny(1, SamplingConfig::default(), &Device::Cpu).unwrap();
-        let img = Arc::new(crate::RgbImage::from_fn(48, 32, |x, y| image::Rgb([x as u8 * 5, y as u8 * 7, 30])));
-        let other = Arc::new(crate::RgbImage::from_fn(32, 32, |_, _| image::Rgb([250, 250, 250])));
+        let img = Arc::new(crate::RgbImage::from_fn(48, 32, |x, y| {
+            image::Rgb([x as u8 * 5, y as u8 * 7, 30])
+        }));
+        let other = Arc::new(crate::RgbImage::from_fn(32, 32, |_, _| {
+            image::Rgb([250, 250, 250])
+        }));
         let req = |images: Vec<Arc<crate::RgbImage>>, seed| VlmRequest {
             images,
             system: Some("you are an assistant".into()),
@@ -176,13 +198,25 @@ mod tests {
             max_new_tokens: 12,
             seed,
         };
-        let out = vlm.generate(&[req(vec![img.clone()], 1), req(vec![img.clone()], 1), req(vec![img.clone()], 2)]).unwrap();
+        let out = vlm
+            .generate(&[
+                req(vec![img.clone()], 1),
+                req(vec![img.clone()], 1),
+                req(vec![img.clone()], 2),
+            ])
+            .unwrap();
         assert_eq!(out[0], out[1]);
         assert!(!out[0].token_ids.is_empty() && out[0].token_ids.len() <= 12);
         assert_ne!(out[0].token_ids, out[2].token_ids, "seed must matter");
-        let mut greedy = PaliGemmaStyleVlm::tiny(1, SamplingConfig::greedy(), &Device::Cpu).unwrap();
+        let mut greedy =
+            PaliGemmaStyleVlm::tiny(1, SamplingConfig::greedy(), &Device::Cpu).unwrap();
         let a = greedy.generate(&[req(vec![img.clone()], 1)]).unwrap();
-        let b = greedy.generate(&[req(vec![other.clone(), img.clone()], 1)]).unwrap();
-        assert_ne!(a[0].token_ids, b[0].token_ids, "the images must reach the decoder");
+        let b = greedy
+            .generate(&[req(vec![other.clone(), img.clone()], 1)])
+            .unwrap();
+        assert_ne!(
+            a[0].token_ids, b[0].token_ids,
+            "the images must reach the decoder"
+        );
     }
 }

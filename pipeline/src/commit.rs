@@ -1,0 +1,330 @@
+//! The output layout and its commit protocol.
+//!
+//! ```text
+//! <output>/.mirgen/run.json              which config this output belongs to (create-if-absent)
+//! <output>/.mirgen/parts/<id>.parquet    a wave's rows (data first)
+//! <output>/.mirgen/commits/<id>.json     its commit record (create-if-absent, after the data)
+//! <output>/.mirgen/index/…               cached corpus index
+//! <output>/data/train-XXXXX-of-YYYYY.parquet, README.md, stats.json
+//! <output>/manifest.json                 written last: the dataset is complete
+//! ```
+//! Readers and resumes trust only committed parts; a part without a commit
+//! record (a crash between the two writes) is never read and is overwritten
+//! when its targets are redone.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use bytes::Bytes;
+use mirgen_schemas::{
+    card::{render_card, CardInput},
+    manifest::MANIFEST_FORMAT,
+    records_from_parquet, records_to_parquet, Manifest, PartCommit, Record, RecordStatus, RunStats,
+};
+use sha2::{Digest, Sha256};
+
+use crate::store::Location;
+use crate::PipelineError;
+
+pub const STAGING: &str = ".mirgen";
+pub const MANIFEST: &str = "manifest.json";
+
+#[derive(Debug, serde::Serialize, serde::Deserialize, PartialEq)]
+struct RunMarker {
+    config_hash: String,
+    mirgen_version: String,
+}
+
+pub struct Output {
+    pub loc: Location,
+}
+
+impl Output {
+    pub fn new(loc: Location) -> Self {
+        Output { loc }
+    }
+
+    /// The manifest of a finished dataset, if any.
+    pub async fn manifest(&self) -> Result<Option<Manifest>, PipelineError> {
+        match self.loc.get_opt(MANIFEST).await? {
+            Some(b) => Ok(Some(serde_json::from_slice(&b)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Binds the output to `config_hash`, or checks it is already bound to it.
+    pub async fn claim(&self, config_hash: &str) -> Result<(), PipelineError> {
+        let key = format!("{STAGING}/run.json");
+        let marker = RunMarker {
+            config_hash: config_hash.into(),
+            mirgen_version: env!("CARGO_PKG_VERSION").into(),
+        };
+        if !self
+            .loc
+            .put_create(&key, serde_json::to_vec_pretty(&marker)?)
+            .await?
+        {
+            let existing: RunMarker = serde_json::from_slice(&self.loc.get(&key).await?)?;
+            if existing.config_hash != config_hash {
+                return Err(PipelineError::ConfigChanged {
+                    output: self.loc.display.clone(),
+                    existing: existing.config_hash,
+                    current: config_hash.into(),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Committed targets -> the part holding them.
+    pub async fn committed(
+        &self,
+        config_hash: &str,
+    ) -> Result<BTreeMap<String, PartCommit>, PipelineError> {
+        let mut out = BTreeMap::new();
+        for (key, _) in self.loc.list(&format!("{STAGING}/commits")).await? {
+            if !key.ends_with(".json") {
+                continue;
+            }
+            let commit: PartCommit =
+                serde_json::from_slice(&self.loc.get(&key).await?).map_err(|e| {
+                    PipelineError::Input(format!(
+                        "commit record {key} is unreadable ({e}); delete it and rerun"
+                    ))
+                })?;
+            if commit.config_hash != config_hash {
+                continue;
+            }
+            for t in &commit.target_ids {
+                out.entry(t.clone()).or_insert_with(|| commit.clone());
+            }
+        }
+        Ok(out)
+    }
+
+    /// Writes a wave's rows, then its commit record.
+    pub async fn commit_part(
+        &self,
+        config_hash: &str,
+        worker: usize,
+        records: &[Record],
+        row_group_rows: usize,
+    ) -> Result<PartCommit, PipelineError> {
+        let targets: BTreeSet<&str> = records.iter().map(|r| r.target_id.as_str()).collect();
+        let mut h = Sha256::new();
+        h.update(config_hash.as_bytes());
+        for t in &targets {
+            h.update(t.as_bytes());
+            h.update([0]);
+        }
+        let id = hex::encode(&h.finalize()[..12]);
+        let part = format!("{STAGING}/parts/{id}.parquet");
+        self.loc
+            .put(&part, records_to_parquet(records, row_group_rows)?)
+            .await?;
+        let commit = PartCommit {
+            config_hash: config_hash.into(),
+            part,
+            target_ids: targets.iter().map(|t| t.to_string()).collect(),
+            rows: records.len(),
+            worker,
+        };
+        self.loc
+            .put_create(
+                &format!("{STAGING}/commits/{id}.json"),
+                serde_json::to_vec_pretty(&commit)?,
+            )
+            .await?;
+        Ok(commit)
+    }
+
+    /// Reads every committed row of `targets`, sorted by (target, round).
+    pub async fn committed_records(
+        &self,
+        config_hash: &str,
+        targets: &[String],
+    ) -> Result<Vec<Record>, PipelineError> {
+        let committed = self.committed(config_hash).await?;
+        let wanted: BTreeSet<&String> = targets.iter().collect();
+        let parts: BTreeSet<&String> = committed
+            .iter()
+            .filter(|(t, _)| wanted.contains(t))
+            .map(|(_, c)| &c.part)
+            .collect();
+        let mut rows = Vec::new();
+        for part in parts {
+            let data: Bytes = self.loc.get(part).await?;
+            for r in records_from_parquet(data)? {
+                // a target is taken from the part its commit names (never from an orphan)
+                if wanted.contains(&r.target_id)
+                    && committed.get(&r.target_id).is_some_and(|c| &c.part == part)
+                {
+                    rows.push(r);
+                }
+            }
+        }
+        rows.sort_by(|a, b| (&a.target_id, a.round).cmp(&(&b.target_id, b.round)));
+        Ok(rows)
+    }
+}
+
+/// Cumulative and per-round Hits@10 over the targets whose round 0 succeeded.
+pub fn hits_at_10(rows: &[Record], rounds: u32) -> (Vec<f64>, Vec<f64>) {
+    let mut first_hit: BTreeMap<&str, Option<i32>> = BTreeMap::new();
+    let mut per_round = vec![0usize; rounds as usize + 1];
+    for r in rows
+        .iter()
+        .filter(|r| r.round == 0 && r.status == RecordStatus::Ok)
+    {
+        first_hit.insert(&r.target_id, None);
+    }
+    for r in rows {
+        if let (Some(first), Some(true)) = (first_hit.get_mut(r.target_id.as_str()), r.hit_at_10) {
+            per_round[r.round as usize] += 1;
+            if first.is_none_or(|f| r.round < f) {
+                *first = Some(r.round);
+            }
+        }
+    }
+    let n = first_hit.len().max(1) as f64;
+    let cumulative = (0..=rounds as i32)
+        .map(|t| {
+            100.0
+                * first_hit
+                    .values()
+                    .filter(|f| f.is_some_and(|f| f <= t))
+                    .count() as f64
+                / n
+        })
+        .collect();
+    (
+        cumulative,
+        per_round.iter().map(|&c| 100.0 * c as f64 / n).collect(),
+    )
+}
+
+/// Everything `finalize` writes besides the rows.
+pub struct FinalizeInput<'a> {
+    pub config_hash: &'a str,
+    pub config: serde_json::Value,
+    pub models: BTreeMap<String, serde_json::Value>,
+    pub seed: u64,
+    pub rounds: u32,
+    pub shard_rows: usize,
+    pub row_group_rows: usize,
+    pub corpus_size: usize,
+    pub corpus_failures: BTreeMap<String, String>,
+    pub pretty_name: &'a str,
+    pub license: &'a str,
+    pub corpus_note: &'a str,
+    pub smoke_test: bool,
+    pub prompts: Vec<(String, String)>,
+    pub wall_seconds: f64,
+}
+
+/// Writes the Hugging Face layout from committed rows: data files, card,
+/// stats, and the manifest last.
+pub async fn finalize(
+    out: &Output,
+    rows: &[Record],
+    input: FinalizeInput<'_>,
+) -> Result<Manifest, PipelineError> {
+    let n_shards = rows.len().div_ceil(input.shard_rows).max(1);
+    let mut data_files = Vec::with_capacity(n_shards);
+    for (i, chunk) in rows.chunks(input.shard_rows).enumerate() {
+        let key = format!("data/train-{i:05}-of-{n_shards:05}.parquet");
+        out.loc
+            .put(&key, records_to_parquet(chunk, input.row_group_rows)?)
+            .await?;
+        data_files.push(key);
+    }
+    for (key, _) in out.loc.list("data").await? {
+        if !data_files.contains(&key) {
+            out.loc.delete(&key).await?;
+        }
+    }
+    let targets: BTreeSet<&str> = rows.iter().map(|r| r.target_id.as_str()).collect();
+    let failed_targets: BTreeSet<&str> = rows
+        .iter()
+        .filter(|r| r.status == RecordStatus::Failed)
+        .map(|r| r.target_id.as_str())
+        .collect();
+    let (cumulative, per_round) = hits_at_10(rows, input.rounds);
+    let stats = RunStats {
+        targets: targets.len(),
+        rows: rows.len(),
+        failed_rows: rows
+            .iter()
+            .filter(|r| r.status == RecordStatus::Failed)
+            .count(),
+        failed_targets: failed_targets.len(),
+        corpus_size: input.corpus_size,
+        corpus_failures: input.corpus_failures,
+        cumulative_hits_at_10: cumulative,
+        per_round_hits_at_10: per_round,
+        wall_seconds: input.wall_seconds,
+    };
+    let manifest = Manifest {
+        format: MANIFEST_FORMAT.into(),
+        mirgen_version: env!("CARGO_PKG_VERSION").into(),
+        config_hash: input.config_hash.into(),
+        config: input.config,
+        models: input.models,
+        seed: input.seed,
+        rounds: input.rounds,
+        data_files,
+        stats,
+        created_unix: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0),
+    };
+    let card = render_card(&CardInput {
+        manifest: &manifest,
+        pretty_name: input.pretty_name,
+        license: input.license,
+        corpus_note: input.corpus_note,
+        smoke_test: input.smoke_test,
+        prompts: &input.prompts,
+    });
+    out.loc.put("README.md", card.into_bytes()).await?;
+    out.loc
+        .put("stats.json", serde_json::to_vec_pretty(&manifest.stats)?)
+        .await?;
+    out.loc
+        .put(MANIFEST, serde_json::to_vec_pretty(&manifest)?)
+        .await?;
+    Ok(manifest)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(t: &str, round: i32, hit: bool) -> Record {
+        let mut r = Record::failed(t, round, 0, String::new());
+        r.status = RecordStatus::Ok;
+        r.error = None;
+        r.hit_at_10 = Some(hit);
+        r
+    }
+
+    #[test]
+    fn hits_are_cumulative_over_first_hits() {
+        // a: hit at 1 only; b: hit at 0 and 2; c: never
+        let rows = vec![
+            row("a", 0, false),
+            row("a", 1, true),
+            row("a", 2, false),
+            row("b", 0, true),
+            row("b", 1, false),
+            row("b", 2, true),
+            row("c", 0, false),
+            row("c", 1, false),
+            row("c", 2, false),
+        ];
+        let (cum, per) = hits_at_10(&rows, 2);
+        let third = 100.0 / 3.0;
+        assert_eq!(cum, vec![third, 2.0 * third, 2.0 * third]);
+        assert_eq!(per, vec![third, third, third]);
+    }
+}

@@ -1,0 +1,219 @@
+//! `mirgen run`: plan, index, dataflow, finalize.
+
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use mirgen_schemas::Manifest;
+use sha2::{Digest, Sha256};
+
+use crate::commit::{finalize, FinalizeInput, Output, STAGING};
+use crate::config::LoadedConfig;
+use crate::corpus::Corpus;
+use crate::dataflow::{self, JobShared};
+use crate::index::CorpusIndex;
+use crate::progress::{Progress, ProgressMode};
+use crate::rounds::{Models, WaveContext};
+use crate::store::Location;
+use crate::PipelineError;
+
+/// How the process runs (CLI flags, not config).
+#[derive(Clone, Debug)]
+pub struct RunOptions {
+    pub output: String,
+    /// timely's own arguments (`-w`, `-n`, `-p`, `-h`).
+    pub timely_args: Vec<String>,
+    /// This process's index in the cluster (finalizes when 0).
+    pub process: usize,
+    pub device: String,
+    pub progress: ProgressMode,
+}
+
+/// What a run did.
+#[derive(Debug)]
+pub enum RunOutcome {
+    /// The output already held the finished dataset of this config.
+    AlreadyComplete(Manifest),
+    /// The dataset was (completed and) written.
+    Finished {
+        manifest: Manifest,
+        new_targets: usize,
+    },
+    /// A non-zero process finished its share; process 0 writes the dataset.
+    ShareDone { new_targets: usize },
+}
+
+/// The hash of everything that changes the records: config sections that
+/// matter (not batching or card text), the corpus listing and the targets.
+pub fn config_hash(cfg: &LoadedConfig, corpus: &Corpus, targets: &[String]) -> String {
+    let c = &cfg.config;
+    let relevant = serde_json::json!({
+        "run": c.run,
+        "models": c.models,
+        "prompts": c.prompts,
+        "image_format": c.output.image_format,
+        "jpeg_quality": c.output.jpeg_quality,
+        "format": 1,
+    });
+    let mut h = Sha256::new();
+    h.update(relevant.to_string().as_bytes());
+    for id in &corpus.ids {
+        h.update(id.as_bytes());
+        h.update([0]);
+    }
+    h.update([1]);
+    for t in targets {
+        h.update(t.as_bytes());
+        h.update([0]);
+    }
+    hex::encode(&h.finalize()[..12])
+}
+
+pub fn run(cfg: LoadedConfig, opts: RunOptions) -> Result<RunOutcome, PipelineError> {
+    let start = Instant::now();
+    let runtime = Arc::new(
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .map_err(|e| PipelineError::Input(format!("cannot start the IO runtime: {e}")))?,
+    );
+    let corpus = runtime.block_on(Corpus::load(&cfg))?;
+    let targets = runtime.block_on(corpus.targets(&cfg))?;
+    let hash = config_hash(&cfg, &corpus, &targets);
+    let output = Output::new(Location::open(&opts.output, true)?);
+    if let Some(m) = runtime.block_on(output.manifest())? {
+        if m.config_hash == hash {
+            return Ok(RunOutcome::AlreadyComplete(m));
+        }
+        return Err(PipelineError::ConfigChanged {
+            output: opts.output.clone(),
+            existing: m.config_hash,
+            current: hash,
+        });
+    }
+    runtime.block_on(output.claim(&hash))?;
+    let committed = runtime.block_on(output.committed(&hash))?;
+    let target_set: std::collections::BTreeSet<&String> = targets.iter().collect();
+    let committed_ids: Vec<String> = committed
+        .keys()
+        .filter(|t| target_set.contains(t))
+        .cloned()
+        .collect();
+    let todo = targets.len() - committed_ids.len();
+    let rounds_per_target = cfg.config.run.rounds as usize + 1;
+    eprintln!(
+        "mirgen run: {} targets x {} rounds over a corpus of {} images; {} already committed, {} to do{}",
+        targets.len(),
+        rounds_per_target,
+        corpus.ids.len(),
+        committed_ids.len(),
+        todo,
+        if cfg.smoke_test() { "\nNOTE: smoke-test models (tiny presets with random weights): the text is noise and the images draw nothing" } else { "" }
+    );
+
+    // the corpus index (cached in the output store per embedder + corpus listing)
+    let staging = Location {
+        prefix: output.loc.path(STAGING),
+        ..output.loc.clone()
+    };
+    let (device, _) = mirgen_workers::device::select(&opts.device, 0);
+    let mut embedder_models = Models::build(&cfg.config, &device)?;
+    let index_progress = Progress::new(opts.progress, "indexing corpus", corpus.ids.len(), 1);
+    let mut last = 0;
+    let (index, reused) = runtime.block_on(CorpusIndex::load_or_build(
+        &staging,
+        &corpus,
+        embedder_models.embedder.as_mut(),
+        cfg.config.batch.index_batch,
+        |done, _| {
+            index_progress.inc(done - last, "indexing corpus");
+            last = done;
+        },
+    ))?;
+    index_progress.finish();
+    let models_description = embedder_models.describe();
+    drop(embedder_models);
+    eprintln!(
+        "corpus index: {} images indexed{}{}",
+        index.len(),
+        if reused { " (reused from cache)" } else { "" },
+        if index.failures.is_empty() {
+            String::new()
+        } else {
+            format!(", {} could not be read:", index.failures.len())
+        }
+    );
+    for (id, reason) in &index.failures {
+        eprintln!("  skipped corpus image {id}: {reason}");
+    }
+    let corpus_failures = index.failures.clone();
+
+    let shared = Arc::new(JobShared {
+        ctx: WaveContext {
+            config: cfg.config.clone(),
+            corpus_root: corpus.root.clone(),
+            index: Arc::new(index),
+            runtime: runtime.clone(),
+        },
+        output,
+        config_hash: hash.clone(),
+        targets: targets.clone(),
+        committed: committed_ids,
+        device: opts.device.clone(),
+        progress: Progress::new(opts.progress, "targets", todo, rounds_per_target),
+        errors: Mutex::new(vec![]),
+        models: Mutex::new(None),
+    });
+    if todo > 0 {
+        dataflow::run(shared.clone(), opts.timely_args.clone()).map_err(PipelineError::Dataflow)?;
+    }
+    shared.progress.finish();
+    let errors = shared.errors.lock().expect("lock").clone();
+    if !errors.is_empty() {
+        return Err(PipelineError::Incomplete(errors.join("\n")));
+    }
+    if opts.process != 0 {
+        return Ok(RunOutcome::ShareDone { new_targets: todo });
+    }
+    let rows = runtime.block_on(shared.output.committed_records(&hash, &targets))?;
+    let done_targets: std::collections::BTreeSet<&str> =
+        rows.iter().map(|r| r.target_id.as_str()).collect();
+    if done_targets.len() != targets.len() {
+        return Err(PipelineError::Incomplete(format!(
+            "{} of {} targets are committed (other processes may still be running); rerun the same command to finish",
+            done_targets.len(),
+            targets.len()
+        )));
+    }
+    let c = &cfg.config;
+    let manifest = runtime.block_on(finalize(
+        &shared.output,
+        &rows,
+        FinalizeInput {
+            config_hash: &hash,
+            config: serde_json::to_value(c)?,
+            models: shared
+                .models
+                .lock()
+                .expect("lock")
+                .clone()
+                .unwrap_or(models_description),
+            seed: c.run.seed,
+            rounds: c.run.rounds,
+            shard_rows: c.output.shard_rows,
+            row_group_rows: c.output.row_group_rows,
+            corpus_size: corpus.ids.len(),
+            corpus_failures,
+            pretty_name: &c.output.pretty_name,
+            license: &c.output.license,
+            corpus_note: &c.output.corpus_note,
+            smoke_test: cfg.smoke_test(),
+            prompts: c.prompts.named(),
+            wall_seconds: start.elapsed().as_secs_f64(),
+        },
+    ))?;
+    Ok(RunOutcome::Finished {
+        manifest,
+        new_targets: todo,
+    })
+}
