@@ -1,1 +1,357 @@
+//! End-to-end tests of `mirgen run` on small generated corpora with the
+//! smoke-test models: layout, determinism across worker counts, resume,
+//! crash recovery, bad inputs, and (with Python) pyarrow/datasets loading.
 
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use mirgen::config::LoadedConfig;
+use mirgen::job::{self, RunOptions, RunOutcome};
+use mirgen::progress::ProgressMode;
+use mirgen_schemas::{records_from_parquet, Manifest, Record, RecordStatus};
+
+/// Writes `n` small PNGs of different sizes and colours.
+fn make_corpus(dir: &Path, n: usize) {
+    std::fs::create_dir_all(dir.join("sub")).unwrap();
+    for i in 0..n {
+        let (w, h) = (24 + 7 * i as u32, 20 + 5 * (i as u32 % 4));
+        let img = image::RgbImage::from_fn(w, h, |x, y| {
+            image::Rgb([
+                (x * 9 + i as u32 * 40) as u8,
+                (y * 11 + i as u32 * 13) as u8,
+                (x * y + i as u32 * 70) as u8,
+            ])
+        });
+        // one image in a sub-folder: ids are paths relative to the root
+        let name = if i == 0 {
+            "sub/img00.png".to_string()
+        } else {
+            format!("img{i:02}.png")
+        };
+        img.save(dir.join(name)).unwrap();
+    }
+}
+
+fn write_config(dir: &Path, corpus: &Path, rounds: u32, extra: &str) -> PathBuf {
+    let text = format!(
+        r#"
+[run]
+rounds = {rounds}
+seed = 7
+[corpus]
+root = "{}"
+[models.vlm]
+preset = "tiny"
+max_new_tokens = {{ caption = 8, compare = 6, refine = 8 }}
+[models.generator]
+preset = "tiny"
+steps = 2
+guidance = 2.0
+[models.embedder]
+preset = "tiny"
+[output]
+shard_rows = 10
+[batch]
+window = 3
+{extra}
+"#,
+        corpus.display()
+    );
+    let path = dir.join("job.toml");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+fn run_job(config: &Path, output: &Path, workers: usize) -> RunOutcome {
+    let cfg = LoadedConfig::load(config).unwrap();
+    job::run(
+        cfg,
+        RunOptions {
+            output: output.display().to_string(),
+            timely_args: vec!["mirgen".into(), "-w".into(), workers.to_string()],
+            process: 0,
+            device: "cpu".into(),
+            progress: ProgressMode::None,
+        },
+    )
+    .unwrap()
+}
+
+fn read_dataset(output: &Path) -> (Manifest, Vec<Record>) {
+    let manifest: Manifest =
+        serde_json::from_slice(&std::fs::read(output.join("manifest.json")).unwrap()).unwrap();
+    let mut rows = Vec::new();
+    for f in &manifest.data_files {
+        let bytes = std::fs::read(output.join(f)).unwrap();
+        rows.extend(records_from_parquet(bytes.into()).unwrap());
+    }
+    (manifest, rows)
+}
+
+fn assert_each_target_round_once(rows: &[Record], targets: usize, rounds: u32) {
+    assert_eq!(rows.len(), targets * (rounds as usize + 1));
+    let mut keys: Vec<(String, i32)> = rows
+        .iter()
+        .map(|r| (r.target_id.clone(), r.round))
+        .collect();
+    keys.sort();
+    keys.dedup();
+    assert_eq!(keys.len(), rows.len(), "a (target, round) appears twice");
+}
+
+#[test]
+fn run_writes_hf_layout_same_records_for_any_worker_count_and_resumes_as_noop() {
+    let tmp = tempfile::tempdir().unwrap();
+    let corpus = tmp.path().join("corpus");
+    make_corpus(&corpus, 7);
+    std::fs::write(corpus.join("LICENSES.md"), "not an image, not listed").unwrap();
+    let config = write_config(tmp.path(), &corpus, 2, "");
+
+    let out1 = tmp.path().join("out-w1");
+    let out2 = tmp.path().join("out-w2");
+    assert!(matches!(
+        run_job(&config, &out1, 1),
+        RunOutcome::Finished { new_targets: 7, .. }
+    ));
+    assert!(matches!(
+        run_job(&config, &out2, 2),
+        RunOutcome::Finished { new_targets: 7, .. }
+    ));
+
+    let (m1, rows1) = read_dataset(&out1);
+    let (m2, rows2) = read_dataset(&out2);
+    assert_each_target_round_once(&rows1, 7, 2);
+    assert_eq!(m1.config_hash, m2.config_hash);
+    assert_eq!(
+        m1.data_files,
+        vec![
+            "data/train-00000-of-00003.parquet",
+            "data/train-00001-of-00003.parquet",
+            "data/train-00002-of-00003.parquet"
+        ]
+    );
+    assert!(
+        rows1.iter().all(|r| r.status == RecordStatus::Ok),
+        "{:?}",
+        rows1.iter().find(|r| r.error.is_some())
+    );
+    // byte-identical records (timings aside) whatever the number of workers
+    let strip = |rows: &[Record]| rows.iter().map(Record::without_timings).collect::<Vec<_>>();
+    assert_eq!(strip(&rows1), strip(&rows2));
+    // rows are complete: round 0 has no feedback, later rounds do; ranks label hits
+    for r in &rows1 {
+        assert_eq!(r.feedback.is_none(), r.round == 0);
+        assert!(r.query.is_some() && r.synthetic_image.is_some() && r.target_image.is_some());
+        assert_eq!(r.retrieved_ids.len(), 7);
+        assert_eq!(r.hit_at_10, r.target_rank.map(|k| k < 10));
+    }
+    assert!(rows1.iter().any(|r| r.target_id == "sub/img00.png"));
+    let card = std::fs::read_to_string(out1.join("README.md")).unwrap();
+    assert!(card.contains("Smoke-test dataset") && card.contains("num_examples: 21"));
+    assert!(m1.models.values().all(|v| v["smoke_test"] == true));
+
+    // the same command again is a no-op that leaves the files alone
+    let before = std::fs::metadata(out1.join("manifest.json"))
+        .unwrap()
+        .modified()
+        .unwrap();
+    assert!(matches!(
+        run_job(&config, &out1, 2),
+        RunOutcome::AlreadyComplete(_)
+    ));
+    assert_eq!(
+        std::fs::metadata(out1.join("manifest.json"))
+            .unwrap()
+            .modified()
+            .unwrap(),
+        before
+    );
+
+    // a config that changes results is refused on this output
+    let changed = write_config(tmp.path(), &corpus, 3, "");
+    let err = job::run(
+        LoadedConfig::load(&changed).unwrap(),
+        RunOptions {
+            output: out1.display().to_string(),
+            timely_args: vec!["mirgen".into()],
+            process: 0,
+            device: "cpu".into(),
+            progress: ProgressMode::None,
+        },
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("another configuration"), "{err}");
+
+    python_checks(&out1);
+}
+
+/// pyarrow reads every shard; `datasets` loads the folder and decodes both
+/// image columns to PIL images. Needs MIRGEN_PYTHON (a Python with
+/// `datasets`), which .ci/run provides; required when CI is set.
+fn python_checks(output: &Path) {
+    let Ok(python) = std::env::var("MIRGEN_PYTHON") else {
+        assert!(
+            std::env::var("CI").is_err(),
+            "CI must set MIRGEN_PYTHON to a Python with pyarrow and datasets"
+        );
+        eprintln!("MIRGEN_PYTHON not set: skipping the pyarrow/datasets check");
+        return;
+    };
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/check_dataset.py");
+    let out = Command::new(python)
+        .arg(script)
+        .arg(output)
+        .output()
+        .unwrap();
+    let log = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "check_dataset.py failed:\n{log}");
+    assert!(log.contains("datasets: 21 rows"), "{log}");
+}
+
+#[test]
+fn bad_corpus_files_are_reported_and_good_targets_complete() {
+    let tmp = tempfile::tempdir().unwrap();
+    let corpus = tmp.path().join("corpus");
+    make_corpus(&corpus, 4);
+    std::fs::write(corpus.join("empty.jpg"), b"").unwrap();
+    std::fs::write(
+        corpus.join("notes.jpg"),
+        b"this is a text file renamed to .jpg\n",
+    )
+    .unwrap();
+    let png = std::fs::read(corpus.join("img01.png")).unwrap();
+    std::fs::write(corpus.join("truncated.png"), &png[..png.len() / 2]).unwrap();
+    let config = write_config(tmp.path(), &corpus, 1, "");
+    let out = tmp.path().join("out");
+    run_job(&config, &out, 2);
+    let (m, rows) = read_dataset(&out);
+    assert_each_target_round_once(&rows, 7, 1);
+    let failures = &m.stats.corpus_failures;
+    assert_eq!(failures.len(), 3, "{failures:?}");
+    assert!(failures["empty.jpg"].contains("empty"), "{failures:?}");
+    assert!(
+        failures["notes.jpg"].contains("not a recognised image"),
+        "{failures:?}"
+    );
+    assert!(
+        failures["truncated.png"].contains("corrupt or truncated"),
+        "{failures:?}"
+    );
+    for r in &rows {
+        let bad = ["empty.jpg", "notes.jpg", "truncated.png"].contains(&r.target_id.as_str());
+        assert_eq!(r.status == RecordStatus::Failed, bad, "{r:?}");
+        if bad {
+            let e = r.error.as_deref().unwrap();
+            assert!(e.contains(&r.target_id), "error must name the input: {e}");
+            assert!(r.synthetic_image.is_none() && r.target_image.is_none());
+        } else {
+            assert!(r.synthetic_image.is_some() && r.target_rank.is_some());
+        }
+    }
+    assert_eq!(m.stats.failed_targets, 3);
+}
+
+#[test]
+fn missing_corpus_and_unknown_keys_are_clear_errors() {
+    let tmp = tempfile::tempdir().unwrap();
+    let config = write_config(tmp.path(), &tmp.path().join("nowhere"), 1, "");
+    let err = job::run(
+        LoadedConfig::load(&config).unwrap(),
+        RunOptions {
+            output: tmp.path().join("o").display().to_string(),
+            timely_args: vec!["mirgen".into()],
+            process: 0,
+            device: "cpu".into(),
+            progress: ProgressMode::None,
+        },
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("corpus.root") && err.contains("nowhere") && err.contains("does not exist"),
+        "{err}"
+    );
+
+    let bin = env!("CARGO_BIN_EXE_mirgen");
+    let bad = write_config(tmp.path(), tmp.path(), 1, "typo_key = 1");
+    let out = Command::new(bin)
+        .args(["run", "--config"])
+        .arg(&bad)
+        .arg("--output")
+        .arg(tmp.path().join("o2"))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("typo_key") && stderr.contains("job.toml"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}
+
+#[test]
+fn killed_run_resumes_with_every_target_round_exactly_once() {
+    let tmp = tempfile::tempdir().unwrap();
+    let corpus = tmp.path().join("corpus");
+    make_corpus(&corpus, 9);
+    let config = write_config(tmp.path(), &corpus, 2, "");
+    let out = tmp.path().join("out");
+    let bin = env!("CARGO_BIN_EXE_mirgen");
+    let mut child = Command::new(bin)
+        .args(["run", "--progress", "none", "-w", "2", "--config"])
+        .arg(&config)
+        .arg("--output")
+        .arg(&out)
+        .spawn()
+        .unwrap();
+    // kill as soon as the first wave is committed, mid-run
+    let commits = out.join(".mirgen/commits");
+    let deadline = Instant::now() + Duration::from_secs(300);
+    loop {
+        let n = std::fs::read_dir(&commits).map(|d| d.count()).unwrap_or(0);
+        if n >= 1 || Instant::now() > deadline {
+            break;
+        }
+        if child.try_wait().unwrap().is_some() {
+            panic!("the run finished before it could be killed");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(
+        !out.join("manifest.json").exists(),
+        "a killed run must not look finished"
+    );
+
+    let status = Command::new(bin)
+        .args(["run", "--progress", "none", "-w", "1", "--config"])
+        .arg(&config)
+        .arg("--output")
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(
+        status.status.success(),
+        "{}",
+        String::from_utf8_lossy(&status.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&status.stdout);
+    assert!(stdout.contains("27 rows"), "{stdout}");
+    let (_, rows) = read_dataset(&out);
+    assert_each_target_round_once(&rows, 9, 2);
+
+    // and the resumed dataset equals an uninterrupted one
+    let clean = tmp.path().join("clean");
+    run_job(&config, &clean, 1);
+    let (_, clean_rows) = read_dataset(&clean);
+    let strip = |rows: &[Record]| rows.iter().map(Record::without_timings).collect::<Vec<_>>();
+    assert_eq!(strip(&rows), strip(&clean_rows));
+}
