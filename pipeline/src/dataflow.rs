@@ -77,7 +77,7 @@ pub fn run(shared: Arc<JobShared>, timely_args: Vec<String>) -> Result<(), Strin
             let pending = targets.antijoin(committed);
             let mut models = models;
             let shared = op_shared;
-            let activator_scope = scope.clone();
+            let activator_scope = scope;
             let done = pending
                 .inner
                 .unary_frontier::<timely::container::CapacityContainerBuilder<Vec<usize>>, _, _, _>(

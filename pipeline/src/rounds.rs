@@ -93,9 +93,12 @@ struct Item {
 
 /// Runs `call` on the whole batch; if it errs or panics, runs it item by item
 /// so one bad item cannot fail its neighbours.
+/// A batched model call.
+type BatchCall<'a, Q, O> = dyn FnMut(&[Q]) -> Result<Vec<O>, WorkerError> + 'a;
+
 fn call_isolated<Q: Clone, O>(
     requests: &[Q],
-    call: &mut dyn FnMut(&[Q]) -> Result<Vec<O>, WorkerError>,
+    call: &mut BatchCall<'_, Q, O>,
 ) -> Vec<Result<O, String>> {
     let mut guarded = |reqs: &[Q]| -> Result<Vec<O>, String> {
         match catch_unwind(AssertUnwindSafe(|| call(reqs))) {

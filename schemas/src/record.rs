@@ -315,11 +315,11 @@ fn image_cells(a: &StructArray) -> Result<Vec<Option<ImageCell>>, SchemaError> {
         .map(|i| {
             (a.is_valid(i) && bytes.is_valid(i)).then(|| ImageCell {
                 bytes: bytes.value(i).to_vec(),
-                path: paths
-                    .is_valid(i)
-                    .then(|| paths.value(i))
-                    .unwrap_or("")
-                    .to_string(),
+                path: if paths.is_valid(i) {
+                    paths.value(i).to_string()
+                } else {
+                    String::new()
+                },
             })
         })
         .collect())
