@@ -355,3 +355,75 @@ fn killed_run_resumes_with_every_target_round_exactly_once() {
     let strip = |rows: &[Record]| rows.iter().map(Record::without_timings).collect::<Vec<_>>();
     assert_eq!(strip(&rows), strip(&clean_rows));
 }
+
+fn free_ports(n: usize) -> Vec<u16> {
+    let listeners: Vec<_> = (0..n)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap())
+        .collect();
+    listeners
+        .iter()
+        .map(|l| l.local_addr().unwrap().port())
+        .collect()
+}
+
+#[test]
+fn three_processes_of_two_workers_make_the_records_of_one_process() {
+    let tmp = tempfile::tempdir().unwrap();
+    let corpus = tmp.path().join("corpus");
+    make_corpus(&corpus, 8);
+    let config = write_config(tmp.path(), &corpus, 1, "");
+    let hosts = tmp.path().join("hosts.txt");
+    let ports = free_ports(3);
+    std::fs::write(
+        &hosts,
+        ports
+            .iter()
+            .map(|p| format!("127.0.0.1:{p}\n"))
+            .collect::<String>(),
+    )
+    .unwrap();
+    let out = tmp.path().join("cluster");
+    let bin = env!("CARGO_BIN_EXE_mirgen");
+    let procs: Vec<_> = (0..3)
+        .map(|p| {
+            Command::new(bin)
+                .args([
+                    "run",
+                    "--progress",
+                    "none",
+                    "-w",
+                    "2",
+                    "-n",
+                    "3",
+                    "-p",
+                    &p.to_string(),
+                    "-h",
+                ])
+                .arg(&hosts)
+                .arg("--config")
+                .arg(&config)
+                .arg("--output")
+                .arg(&out)
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    // a cluster of processes that all must be running at once: wait on each
+    for (i, p) in procs.into_iter().enumerate() {
+        let out = p.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "process {i} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let single = tmp.path().join("single");
+    run_job(&config, &single, 1);
+    let (_, cluster_rows) = read_dataset(&out);
+    let (_, single_rows) = read_dataset(&single);
+    assert_each_target_round_once(&cluster_rows, 8, 1);
+    let strip = |rows: &[Record]| rows.iter().map(Record::without_timings).collect::<Vec<_>>();
+    assert_eq!(strip(&cluster_rows), strip(&single_rows));
+}

@@ -23,7 +23,10 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run a dataset-generation job (rerun the same command to resume).
-    #[command(disable_help_flag = true)]
+    #[command(
+        disable_help_flag = true,
+        after_help = "Examples:\n  mirgen run --config configs/demo.toml --output out/demo -w 2\n  mirgen run --config job.toml --output s3://bucket/datasets/job -w 4\n  # two processes on one machine (hostfile: one host:port per line)\n  mirgen run --config job.toml -n 2 -p 0 -h hosts.txt & mirgen run --config job.toml -n 2 -p 1 -h hosts.txt"
+    )]
     Run(RunArgs),
 }
 
@@ -122,9 +125,10 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
                 println!("NOTE: smoke-test models with random weights: this dataset shows the format, not real retrieval.");
             }
         }
-        RunOutcome::ShareDone { new_targets } => {
-            println!("process finished its share ({new_targets} targets of this run); process 0 writes the dataset")
-        }
+        RunOutcome::ShareDone { new_targets } => println!(
+            "process {} finished its share of the {new_targets} targets this run had to do; process 0 writes the dataset",
+            args.process
+        ),
     }
     Ok(())
 }
