@@ -230,11 +230,12 @@ pub async fn finalize(
 ) -> Result<Manifest, PipelineError> {
     let n_shards = rows.len().div_ceil(input.shard_rows).max(1);
     let mut data_files = Vec::with_capacity(n_shards);
+    let mut data_bytes = 0u64;
     for (i, chunk) in rows.chunks(input.shard_rows).enumerate() {
         let key = format!("data/train-{i:05}-of-{n_shards:05}.parquet");
-        out.loc
-            .put(&key, records_to_parquet(chunk, input.row_group_rows)?)
-            .await?;
+        let file = records_to_parquet(chunk, input.row_group_rows)?;
+        data_bytes += file.len() as u64;
+        out.loc.put(&key, file).await?;
         data_files.push(key);
     }
     for (key, _) in out.loc.list("data").await? {
@@ -261,6 +262,7 @@ pub async fn finalize(
         corpus_failures: input.corpus_failures,
         cumulative_hits_at_10: cumulative,
         per_round_hits_at_10: per_round,
+        data_bytes,
         wall_seconds: input.wall_seconds,
     };
     let manifest = Manifest {

@@ -101,8 +101,9 @@ pub fn render_card(input: &CardInput) -> String {
     out.push_str(yaml_features());
     let _ = writeln!(
         out,
-        "  splits:\n  - name: train\n    num_examples: {}",
-        m.stats.rows
+        "  splits:\n  - name: train\n    num_bytes: {bytes}\n    num_examples: {}\n  download_size: {bytes}\n  dataset_size: {bytes}",
+        m.stats.rows,
+        bytes = m.stats.data_bytes
     );
     out.push_str("---\n\n");
 

@@ -34,6 +34,9 @@ pub struct RunStats {
     pub cumulative_hits_at_10: Vec<f64>,
     /// Per-round Hits@10 (% of targets with a hit at round t).
     pub per_round_hits_at_10: Vec<f64>,
+    /// Bytes of the data files (Parquet, compressed).
+    #[serde(default)]
+    pub data_bytes: u64,
     /// Seconds of this invocation's work (a resumed run counts only the new part).
     pub wall_seconds: f64,
 }
