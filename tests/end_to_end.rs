@@ -427,3 +427,56 @@ fn three_processes_of_two_workers_make_the_records_of_one_process() {
     let strip = |rows: &[Record]| rows.iter().map(Record::without_timings).collect::<Vec<_>>();
     assert_eq!(strip(&cluster_rows), strip(&single_rows));
 }
+
+/// `mirgen eval` on a committed ranks table reproduces ChatIR's eval.py
+/// formula (re-implemented in scripts/chatir_hits.py) for K = 1, 5, 10.
+#[test]
+fn eval_matches_the_chatir_formula_on_a_ranks_table() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let table = root.join("tests/data/ranks_chatir.csv");
+    let bin = env!("CARGO_BIN_EXE_mirgen");
+    let out = Command::new(bin)
+        .args(["eval", "--json", "--k", "1,5,10", "--ranks"])
+        .arg(&table)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let reports: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let ours = &reports[0]["cumulative"];
+    assert_eq!(reports[0]["targets"], 60);
+    let Ok(python) = std::env::var("MIRGEN_PYTHON").or_else(|_| std::env::var("PYTHON")) else {
+        assert!(std::env::var("CI").is_err(), "CI must set MIRGEN_PYTHON");
+        eprintln!("no MIRGEN_PYTHON: skipping the ChatIR cross-check");
+        return;
+    };
+    for k in ["1", "5", "10"] {
+        let reference = Command::new(&python)
+            .arg(root.join("scripts/chatir_hits.py"))
+            .arg(&table)
+            .arg(k)
+            .output()
+            .unwrap();
+        assert!(
+            reference.status.success(),
+            "{}",
+            String::from_utf8_lossy(&reference.stderr)
+        );
+        let reference: Vec<f64> = serde_json::from_slice(&reference.stdout).unwrap();
+        let ours: Vec<f64> = serde_json::from_value(ours[k].clone()).unwrap();
+        assert_eq!(ours.len(), 11);
+        for (a, b) in ours.iter().zip(&reference) {
+            assert!(
+                (a - b).abs() < 1e-9,
+                "Hits@{k}: mirgen {ours:?} vs ChatIR {reference:?}"
+            );
+        }
+        assert!(
+            reference.windows(2).all(|w| w[0] <= w[1]),
+            "cumulative hits never decrease"
+        );
+    }
+}

@@ -167,39 +167,41 @@ impl Output {
     }
 }
 
-/// Cumulative and per-round Hits@10 over the targets whose round 0 succeeded.
-pub fn hits_at_10(rows: &[Record], rounds: u32) -> (Vec<f64>, Vec<f64>) {
-    let mut first_hit: BTreeMap<&str, Option<i32>> = BTreeMap::new();
-    let mut per_round = vec![0usize; rounds as usize + 1];
-    for r in rows
-        .iter()
-        .filter(|r| r.round == 0 && r.status == RecordStatus::Ok)
-    {
-        first_hit.insert(&r.target_id, None);
-    }
-    for r in rows {
-        if let (Some(first), Some(true)) = (first_hit.get_mut(r.target_id.as_str()), r.hit_at_10) {
-            per_round[r.round as usize] += 1;
-            if first.is_none_or(|f| r.round < f) {
-                *first = Some(r.round);
-            }
-        }
-    }
-    let n = first_hit.len().max(1) as f64;
-    let cumulative = (0..=rounds as i32)
-        .map(|t| {
-            100.0
-                * first_hit
-                    .values()
-                    .filter(|f| f.is_some_and(|f| f <= t))
-                    .count() as f64
-                / n
-        })
-        .collect();
+/// Cumulative and per-round Hits@10 (ChatIR's definition, every target in
+/// the denominator; a failed row is a miss).
+pub fn hits_at_10(rows: &[Record]) -> (Vec<f64>, Vec<f64>) {
+    let mut report = crate::eval::evaluate("", &rank_rows(rows), &[10]);
     (
-        cumulative,
-        per_round.iter().map(|&c| 100.0 * c as f64 / n).collect(),
+        report.cumulative.remove(&10).unwrap_or_default(),
+        report.per_round.remove(&10).unwrap_or_default(),
     )
+}
+
+/// The ranks of records, for evaluation.
+pub fn rank_rows(rows: &[Record]) -> Vec<crate::eval::RankRow> {
+    rows.iter()
+        .map(|r| crate::eval::RankRow {
+            target_id: r.target_id.clone(),
+            round: r.round,
+            rank: r.target_rank,
+        })
+        .collect()
+}
+
+/// Reads a finished dataset (manifest + data files) from a folder or URL.
+pub async fn read_dataset(loc: &Location) -> Result<(Manifest, Vec<Record>), PipelineError> {
+    let manifest: Manifest = match loc.get_opt(MANIFEST).await? {
+        Some(b) => serde_json::from_slice(&b)?,
+        None => return Err(PipelineError::Input(format!(
+            "{} has no {MANIFEST}: not a finished mirgen dataset (rerun `mirgen run` to finish it)",
+            loc.display
+        ))),
+    };
+    let mut rows = Vec::new();
+    for f in &manifest.data_files {
+        rows.extend(records_from_parquet(loc.get(f).await?)?);
+    }
+    Ok((manifest, rows))
 }
 
 /// Everything `finalize` writes besides the rows.
@@ -249,7 +251,7 @@ pub async fn finalize(
         .filter(|r| r.status == RecordStatus::Failed)
         .map(|r| r.target_id.as_str())
         .collect();
-    let (cumulative, per_round) = hits_at_10(rows, input.rounds);
+    let (cumulative, per_round) = hits_at_10(rows);
     let stats = RunStats {
         targets: targets.len(),
         rows: rows.len(),
@@ -307,6 +309,7 @@ mod tests {
         r.status = RecordStatus::Ok;
         r.error = None;
         r.hit_at_10 = Some(hit);
+        r.target_rank = Some(if hit { 3 } else { 30 });
         r
     }
 
@@ -324,7 +327,7 @@ mod tests {
             row("c", 1, false),
             row("c", 2, false),
         ];
-        let (cum, per) = hits_at_10(&rows, 2);
+        let (cum, per) = hits_at_10(&rows);
         let third = 100.0 / 3.0;
         assert_eq!(cum, vec![third, 2.0 * third, 2.0 * third]);
         assert_eq!(per, vec![third, third, third]);

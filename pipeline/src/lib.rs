@@ -6,6 +6,7 @@ pub mod commit;
 pub mod config;
 pub mod corpus;
 pub mod dataflow;
+pub mod eval;
 pub mod index;
 pub mod job;
 pub mod progress;

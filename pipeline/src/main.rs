@@ -28,6 +28,74 @@ enum Command {
         after_help = "Examples:\n  mirgen run --config configs/demo.toml --output out/demo -w 2\n  mirgen run --config job.toml --output s3://bucket/datasets/job -w 4\n  # two processes on one machine (hostfile: one host:port per line)\n  mirgen run --config job.toml -n 2 -p 0 -h hosts.txt & mirgen run --config job.toml -n 2 -p 1 -h hosts.txt"
     )]
     Run(RunArgs),
+    /// Hits@K per round (cumulative and per-round), mean/median rank, of
+    /// finished datasets or ranks tables; several inputs are compared.
+    Eval(EvalArgs),
+}
+
+/// `mirgen eval --dataset out/demo --dataset out/other --plot hits.svg`
+#[derive(Args)]
+#[command(
+    after_help = "Cumulative Hits@K at round t = % of targets whose first hit (rank < K) came at a round <= t (ChatIR/GenIR); \
+every target is in the denominator, a failed row is a miss.\n\nExamples:\n  mirgen eval --dataset out/demo\n  \
+mirgen eval --dataset out/a --dataset out/b --json --plot hits.svg\n  mirgen eval --ranks ranks.csv --k 1,5,10"
+)]
+struct EvalArgs {
+    /// A finished mirgen dataset (folder or object-store URL). Repeat to compare runs.
+    #[arg(long = "dataset", value_name = "DIR|URL")]
+    datasets: Vec<String>,
+    /// A ranks table: CSV with header `target_id,round,rank` (empty rank = miss)
+    /// or a JSON list of {"target_id", "round", "rank"}. Repeatable.
+    #[arg(long = "ranks", value_name = "FILE")]
+    ranks: Vec<PathBuf>,
+    /// The K of Hits@K, comma-separated.
+    #[arg(long, value_delimiter = ',', default_values_t = [1u32, 5, 10])]
+    k: Vec<u32>,
+    /// Print the reports as JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+    /// Write an SVG plot of cumulative Hits@K (the largest K) against the round.
+    #[arg(long, value_name = "FILE.svg")]
+    plot: Option<PathBuf>,
+}
+
+fn eval(args: EvalArgs) -> anyhow::Result<()> {
+    use mirgen::eval::{evaluate, read_ranks_table, render_svg, render_table};
+    anyhow::ensure!(
+        !args.datasets.is_empty() || !args.ranks.is_empty(),
+        "give at least one --dataset or --ranks"
+    );
+    anyhow::ensure!(
+        !args.k.is_empty() && args.k.iter().all(|&k| k > 0),
+        "--k needs positive values"
+    );
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let mut reports = Vec::new();
+    for spec in &args.datasets {
+        let loc = mirgen::store::Location::open(spec, false)?;
+        let (_, rows) = runtime.block_on(mirgen::commit::read_dataset(&loc))?;
+        reports.push(evaluate(spec, &mirgen::commit::rank_rows(&rows), &args.k));
+    }
+    for path in &args.ranks {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", path.display()))?;
+        let spec = path.display().to_string();
+        reports.push(evaluate(&spec, &read_ranks_table(&spec, &text)?, &args.k));
+    }
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&reports)?);
+    } else {
+        print!("{}", render_table(&reports));
+    }
+    if let Some(plot) = &args.plot {
+        let k = *args.k.iter().max().expect("checked non-empty");
+        std::fs::write(plot, render_svg(&reports, k))
+            .map_err(|e| anyhow::anyhow!("cannot write {}: {e}", plot.display()))?;
+        eprintln!("wrote {}", plot.display());
+    }
+    Ok(())
 }
 
 /// `mirgen run --config configs/demo.toml --output out/demo -w 2`
@@ -137,6 +205,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Run(args) => run(args),
+        Command::Eval(args) => eval(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
