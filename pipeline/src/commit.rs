@@ -192,10 +192,12 @@ pub fn rank_rows(rows: &[Record]) -> Vec<crate::eval::RankRow> {
 pub async fn read_dataset(loc: &Location) -> Result<(Manifest, Vec<Record>), PipelineError> {
     let manifest: Manifest = match loc.get_opt(MANIFEST).await? {
         Some(b) => serde_json::from_slice(&b)?,
-        None => return Err(PipelineError::Input(format!(
+        None => {
+            return Err(PipelineError::Input(format!(
             "{} has no {MANIFEST}: not a finished mirgen dataset (rerun `mirgen run` to finish it)",
             loc.display
-        ))),
+        )))
+        }
     };
     let mut rows = Vec::new();
     for f in &manifest.data_files {

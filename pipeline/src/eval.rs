@@ -283,7 +283,7 @@ mod tests {
         assert_eq!(rep.cumulative[&1], vec![25.0, 25.0, 25.0]);
         assert_eq!(rep.mean_rank[0], Some(10.0));
         assert_eq!(rep.median_rank[1], Some(10.5));
-        let svg = render_svg(&[rep.clone()], 10);
+        let svg = render_svg(std::slice::from_ref(&rep), 10);
         assert!(svg.contains("<polyline") && svg.contains(">x<"));
         assert!(render_table(&[rep]).contains("cum@10"));
     }
