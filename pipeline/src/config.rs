@@ -55,6 +55,23 @@ pub struct RunConfig {
     /// How many retrieved ids/scores each row keeps.
     #[serde(default = "default_top_k")]
     pub top_k: usize,
+    /// Feedback mode: `genir` (the VLM sees a drawing of the query; retrieval
+    /// by the drawing), or the paper's baselines `verbal` (the VLM critiques
+    /// its own caption, no image; retrieval by the query text) and
+    /// `prediction` (the VLM sees the top-1 retrieved real image; retrieval by
+    /// the query text).
+    #[serde(default)]
+    pub mode: Mode,
+}
+
+/// Feedback modes (GenIR and its baselines).
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    #[default]
+    Genir,
+    Verbal,
+    Prediction,
 }
 
 fn default_rounds() -> u32 {

@@ -27,7 +27,7 @@ use mirgen_workers::{
     Embedder, GenerateRequest, ImageGenerator, QueryWriter, RgbImage, WorkerError,
 };
 
-use crate::config::Config;
+use crate::config::{Config, Mode};
 use crate::index::CorpusIndex;
 use crate::store::Location;
 
@@ -202,35 +202,62 @@ pub fn run_wave(models: &mut Models, ctx: &WaveContext, ids: &[String]) -> Vec<R
     }
 
     for round in 0..=last_round {
-        // draw the query
         let idx = live(&items);
-        let reqs: Vec<GenerateRequest> = idx
-            .iter()
-            .map(|&i| GenerateRequest {
-                prompt: items[i].query.clone().unwrap_or_default(),
-                seed: call_seed(seed, &items[i].id, "generate", round),
-                init_latents: None,
-            })
-            .collect();
+        // The retrieval vector of each live item and, in genir mode, its drawing.
+        let mut gen_ms = 0.0;
+        let embedded: Vec<(usize, Option<Arc<RgbImage>>, Result<Vec<f32>, String>)>;
         let t = Instant::now();
-        let out = call_isolated(&reqs, &mut |b| models.generator.generate(b));
-        let gen_ms = t.elapsed().as_secs_f32() * 1000.0 / idx.len().max(1) as f32;
-        let mut drawn: Vec<(usize, Arc<RgbImage>)> = Vec::new();
-        for (&i, o) in idx.iter().zip(out) {
-            match o {
-                Ok(img) => drawn.push((i, Arc::new(img))),
-                Err(e) => items[i].failed = Some((round, format!("round {round} generate: {e}"))),
+        match cfg.run.mode {
+            Mode::Genir => {
+                let reqs: Vec<GenerateRequest> = idx
+                    .iter()
+                    .map(|&i| GenerateRequest {
+                        prompt: items[i].query.clone().unwrap_or_default(),
+                        seed: call_seed(seed, &items[i].id, "generate", round),
+                        init_latents: None,
+                    })
+                    .collect();
+                let out = call_isolated(&reqs, &mut |b| models.generator.generate(b));
+                gen_ms = t.elapsed().as_secs_f32() * 1000.0 / idx.len().max(1) as f32;
+                let mut drawn: Vec<(usize, Arc<RgbImage>)> = Vec::new();
+                for (&i, o) in idx.iter().zip(out) {
+                    match o {
+                        Ok(img) => drawn.push((i, Arc::new(img))),
+                        Err(e) => {
+                            items[i].failed = Some((round, format!("round {round} generate: {e}")))
+                        }
+                    }
+                }
+                let images: Vec<&RgbImage> = drawn.iter().map(|(_, img)| img.as_ref()).collect();
+                let out = call_isolated(&images, &mut |b| models.embedder.embed_images(b));
+                embedded = drawn
+                    .into_iter()
+                    .zip(out)
+                    .map(|((i, img), v)| (i, Some(img), v))
+                    .collect();
+            }
+            Mode::Verbal | Mode::Prediction => {
+                // no drawing: the query text itself is the retrieval query
+                let texts: Vec<String> = idx
+                    .iter()
+                    .map(|&i| items[i].query.clone().unwrap_or_default())
+                    .collect();
+                let out = call_isolated(&texts, &mut |b| models.embedder.embed_texts(b));
+                embedded = idx
+                    .iter()
+                    .copied()
+                    .zip(out)
+                    .map(|(i, v)| (i, None, v))
+                    .collect();
             }
         }
-        // embed the drawings
-        let t = Instant::now();
-        let images: Vec<&RgbImage> = drawn.iter().map(|(_, img)| img.as_ref()).collect();
-        let out = call_isolated(&images, &mut |b| models.embedder.embed_images(b));
-        let embed_ms = t.elapsed().as_secs_f32() * 1000.0 / drawn.len().max(1) as f32;
-        let mut synthetic: Vec<(usize, Arc<RgbImage>)> = Vec::new();
-        for ((i, img), o) in drawn.into_iter().zip(out) {
+        let embed_ms = (t.elapsed().as_secs_f32() * 1000.0 - gen_ms * idx.len() as f32).max(0.0)
+            / idx.len().max(1) as f32;
+        // (item, image shown to the VLM next to the target)
+        let mut synthetic: Vec<(usize, Option<Arc<RgbImage>>)> = Vec::new();
+        for (i, img, vector) in embedded {
             let item = &mut items[i];
-            let vector = match o {
+            let vector = match vector {
                 Ok(v) => v,
                 Err(e) => {
                     item.failed = Some((round, format!("round {round} embed: {e}")));
@@ -240,32 +267,59 @@ pub fn run_wave(models: &mut Models, ctx: &WaveContext, ids: &[String]) -> Vec<R
             let t = Instant::now();
             let found = ctx.index.search(&vector, cfg.run.top_k, Some(&item.id));
             let search_ms = t.elapsed().as_secs_f32() * 1000.0;
-            let encoded = match encode(&img, cfg.output.image_format, cfg.output.jpeg_quality) {
-                Ok(b) => b,
-                Err(e) => {
-                    item.failed = Some((round, format!("round {round} encode: {e}")));
-                    continue;
-                }
+            let cell = match &img {
+                Some(img) => match encode(img, cfg.output.image_format, cfg.output.jpeg_quality) {
+                    Ok(bytes) => {
+                        let ext = match cfg.output.image_format {
+                            ImageEncoding::Png => "png",
+                            ImageEncoding::Jpeg => "jpg",
+                        };
+                        let name = file_name(&item.id);
+                        let stem = name.rsplit_once('.').map(|(s, _)| s).unwrap_or(name);
+                        Some(ImageCell {
+                            bytes,
+                            path: format!("{stem}_{round}.{ext}"),
+                        })
+                    }
+                    Err(e) => {
+                        item.failed = Some((round, format!("round {round} encode: {e}")));
+                        continue;
+                    }
+                },
+                None => None,
             };
-            let ext = match cfg.output.image_format {
-                ImageEncoding::Png => "png",
-                ImageEncoding::Jpeg => "jpg",
+            // prediction feedback shows the top-1 retrieved real image
+            let shown = match cfg.run.mode {
+                Mode::Genir => img,
+                Mode::Verbal => None,
+                Mode::Prediction => match found.ids.first() {
+                    Some(top) => {
+                        let loaded = ctx
+                            .runtime
+                            .block_on(ctx.corpus_root.get(top))
+                            .map_err(|e| e.to_string())
+                            .and_then(|b| decode_rgb(top, &b).map_err(|e| e.to_string()));
+                        match loaded {
+                            Ok(im) => Some(Arc::new(im)),
+                            Err(e) => {
+                                item.failed = Some((
+                                    round,
+                                    format!("round {round} prediction feedback: {e}"),
+                                ));
+                                continue;
+                            }
+                        }
+                    }
+                    None => None,
+                },
             };
-            let stem = file_name(&item.id)
-                .rsplit_once('.')
-                .map(|(s, _)| s)
-                .unwrap_or(file_name(&item.id))
-                .to_string();
             item.rows.push(Record {
                 target_id: item.id.clone(),
                 round,
                 target_image: item.target_cell.clone(),
                 query: item.query.clone(),
                 feedback: item.feedback.clone(),
-                synthetic_image: Some(ImageCell {
-                    bytes: encoded,
-                    path: format!("{stem}_{round}.{ext}"),
-                }),
+                synthetic_image: cell,
                 retrieved_ids: found.ids,
                 retrieved_scores: found.scores,
                 target_rank: found.target_rank,
@@ -280,23 +334,39 @@ pub fn run_wave(models: &mut Models, ctx: &WaveContext, ids: &[String]) -> Vec<R
                     search_ms,
                 },
             });
-            synthetic.push((i, img));
+            synthetic.push((i, shown));
         }
         if round == last_round {
             break;
         }
-        // compare target and drawing, then refine the query
-        let compare: Vec<CompareItem> = synthetic
-            .iter()
-            .map(|(i, img)| CompareItem {
-                target: items[*i].target.clone().expect("live items have targets"),
-                synthetic: img.clone(),
-                previous_caption: items[*i].query.clone().unwrap_or_default(),
-                seed: call_seed(seed, &items[*i].id, "compare", round),
-            })
-            .collect();
-        let reqs = models.writer.compare_requests(&compare);
+        // compare target and feedback image (or critique the caption), then refine
         let t = Instant::now();
+        let reqs = match cfg.run.mode {
+            Mode::Verbal => models.writer.critique_requests(
+                &synthetic
+                    .iter()
+                    .map(|(i, _)| RefineItem {
+                        target: items[*i].target.clone().expect("live items have targets"),
+                        feedback: String::new(),
+                        previous_caption: items[*i].query.clone().unwrap_or_default(),
+                        seed: call_seed(seed, &items[*i].id, "compare", round),
+                    })
+                    .collect::<Vec<_>>(),
+            ),
+            _ => models.writer.compare_requests(
+                &synthetic
+                    .iter()
+                    .map(|(i, img)| CompareItem {
+                        target: items[*i].target.clone().expect("live items have targets"),
+                        synthetic: img.clone().unwrap_or_else(|| {
+                            items[*i].target.clone().expect("live items have targets")
+                        }),
+                        previous_caption: items[*i].query.clone().unwrap_or_default(),
+                        seed: call_seed(seed, &items[*i].id, "compare", round),
+                    })
+                    .collect::<Vec<_>>(),
+            ),
+        };
         let out = call_isolated(&reqs, &mut |b| models.writer.run(b));
         let mut to_refine = Vec::new();
         for ((i, _), o) in synthetic.iter().zip(out) {

@@ -19,6 +19,9 @@ pub struct Prompts {
     pub compare: String,
     /// Refine call (image: the target).
     pub refine: String,
+    /// Verbal-feedback baseline: the VLM critiques its own caption against
+    /// the target, with no image of the caption (image: the target).
+    pub critique: String,
 }
 
 impl Default for Prompts {
@@ -28,6 +31,7 @@ impl Default for Prompts {
             caption_user: "Generate a detailed, descriptive caption of this image for use as a prompt in a diffusion model. Focus on visual elements, style, composition, colors, and details. Generate ONLY a detailed caption for this image. DO NOT include any introductory text or explanations. The output should be the raw caption text ready for a diffusion model.".into(),
             compare: "Here is the Original caption of the first image: {previous_caption}. Based on the caption someone drew the second image. Compare the content difference between the two images. Only tell me what's the difference. Concise and clear.".into(),
             refine: "I need you to refine the following caption for this image. The caption was used to generate a synthetic version of this image, but the result didn't fully match. Here is the comparison feedback: \n\n{comparison_feedback}\n\nPrevious caption: '{previous_caption}'\n\nPlease provide an improved caption that would help generate an image more similar to the original. Focus on correcting the issues identified in the comparison. Generate ONLY the refined caption, without any explanations or surrounding text.".into(),
+            critique: "Here is a caption of this image: {previous_caption}. Compare the caption with the image. Only tell me what the caption misses or gets wrong. Concise and clear.".into(),
         }
     }
 }
@@ -37,6 +41,7 @@ const ALLOWED: &[(&str, &[&str])] = &[
     ("caption_user", &[]),
     ("compare", &["previous_caption"]),
     ("refine", &["previous_caption", "comparison_feedback"]),
+    ("critique", &["previous_caption"]),
 ];
 
 impl Prompts {
@@ -69,6 +74,7 @@ impl Prompts {
             "caption_system" => &self.caption_system,
             "caption_user" => &self.caption_user,
             "compare" => &self.compare,
+            "critique" => &self.critique,
             _ => &self.refine,
         }
     }
@@ -179,6 +185,24 @@ impl QueryWriter {
                 system: None,
                 prompt: render(
                     &self.prompts.compare,
+                    &[("previous_caption", &i.previous_caption)],
+                ),
+                max_new_tokens: self.budgets.compare,
+                seed: i.seed,
+            })
+            .collect()
+    }
+
+    /// Verbal feedback: critique `previous_caption` against the target (the
+    /// items' `feedback` is unused).
+    pub fn critique_requests(&self, items: &[RefineItem]) -> Vec<VlmRequest> {
+        items
+            .iter()
+            .map(|i| VlmRequest {
+                images: vec![i.target.clone()],
+                system: None,
+                prompt: render(
+                    &self.prompts.critique,
                     &[("previous_caption", &i.previous_caption)],
                 ),
                 max_new_tokens: self.budgets.compare,
