@@ -93,6 +93,9 @@ struct Item {
 
 /// Runs `call` on the whole batch; if it errs or panics, runs it item by item
 /// so one bad item cannot fail its neighbours.
+/// An item, its drawing (genir mode), and its retrieval vector.
+type Embedded = (usize, Option<Arc<RgbImage>>, Result<Vec<f32>, String>);
+
 /// A batched model call.
 type BatchCall<'a, Q, O> = dyn FnMut(&[Q]) -> Result<Vec<O>, WorkerError> + 'a;
 
@@ -205,7 +208,7 @@ pub fn run_wave(models: &mut Models, ctx: &WaveContext, ids: &[String]) -> Vec<R
         let idx = live(&items);
         // The retrieval vector of each live item and, in genir mode, its drawing.
         let mut gen_ms = 0.0;
-        let embedded: Vec<(usize, Option<Arc<RgbImage>>, Result<Vec<f32>, String>)>;
+        let embedded: Vec<Embedded>;
         let t = Instant::now();
         match cfg.run.mode {
             Mode::Genir => {
