@@ -515,3 +515,246 @@ fn baseline_modes_make_complete_datasets_without_drawings() {
     assert_eq!(queries[0][0], queries[1][0]);
     assert_ne!(queries[0], queries[1]);
 }
+
+fn mirgen(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_mirgen"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+/// The three modes on one config, compared by `mirgen eval` on one plot; the
+/// HTML report of a run opens in headless Chromium with every image found;
+/// exports and the publish dry run work on the same output.
+#[test]
+fn modes_eval_report_export_and_publish_dry_run() {
+    let tmp = tempfile::tempdir().unwrap();
+    let corpus = tmp.path().join("corpus");
+    make_corpus(&corpus, 4);
+    let mut outs = Vec::new();
+    for mode in ["genir", "verbal", "prediction"] {
+        let dir = tmp.path().join(mode);
+        std::fs::create_dir_all(&dir).unwrap();
+        let config = write_config(&dir, &corpus, 2, "");
+        let text = std::fs::read_to_string(&config)
+            .unwrap()
+            .replace("seed = 7", &format!("seed = 7\nmode = \"{mode}\""));
+        std::fs::write(&config, text).unwrap();
+        let out = dir.join("out");
+        run_job(&config, &out, 1);
+        outs.push(out.display().to_string());
+    }
+    let plot = tmp.path().join("hits.svg");
+    let out = mirgen(&[
+        "eval",
+        "--json",
+        "--dataset",
+        &outs[0],
+        "--dataset",
+        &outs[1],
+        "--dataset",
+        &outs[2],
+        "--plot",
+        plot.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let reports: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(reports.as_array().unwrap().len(), 3);
+    for r in reports.as_array().unwrap() {
+        let cum: Vec<f64> = serde_json::from_value(r["cumulative"]["10"].clone()).unwrap();
+        assert_eq!(cum.len(), 3);
+        assert!(cum.windows(2).all(|w| w[0] <= w[1]));
+    }
+    let svg = std::fs::read_to_string(&plot).unwrap();
+    assert_eq!(svg.matches("<polyline").count(), 3, "one line per run");
+
+    // HTML report
+    let report = tmp.path().join("report");
+    let out = mirgen(&[
+        "report",
+        "--dataset",
+        &outs[0],
+        "--out",
+        report.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let html = std::fs::read_to_string(report.join("index.html")).unwrap();
+    let srcs: Vec<&str> = html
+        .split("src=\"")
+        .skip(1)
+        .map(|s| s.split('"').next().unwrap())
+        .collect();
+    assert_eq!(
+        srcs.len(),
+        4 * (1 + 3),
+        "a target and 3 drawings per filmstrip"
+    );
+    for s in &srcs {
+        assert!(
+            report.join(s).is_file(),
+            "report references a missing image {s}"
+        );
+    }
+    assert!(html.contains("Smoke-test dataset") && html.contains("<svg"));
+    screenshot(&report.join("index.html"), &tmp.path().join("report.png"));
+
+    // exports
+    let genir = tmp.path().join("genir");
+    assert!(mirgen(&[
+        "export",
+        "--dataset",
+        &outs[0],
+        "--format",
+        "genir",
+        "--out",
+        genir.to_str().unwrap()
+    ])
+    .status
+    .success());
+    assert_eq!(
+        std::fs::read_dir(genir.join("dialogues")).unwrap().count(),
+        4
+    );
+    assert_eq!(
+        std::fs::read_dir(genir.join("generated_images"))
+            .unwrap()
+            .count(),
+        12
+    );
+    let chatir = tmp.path().join("dialogs.json");
+    assert!(mirgen(&[
+        "export",
+        "--dataset",
+        &outs[0],
+        "--format",
+        "chatir",
+        "--out",
+        chatir.to_str().unwrap()
+    ])
+    .status
+    .success());
+    let dialogs: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&chatir).unwrap()).unwrap();
+    assert_eq!(dialogs[0]["dialog"].as_array().unwrap().len(), 3);
+
+    // publish: dry run lists the dataset without staging; a real run calls the hf CLI
+    let out = mirgen(&[
+        "publish",
+        "--dataset",
+        &outs[0],
+        "--repo",
+        "org/mir-demo",
+        "--dry-run",
+    ]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success()
+            && stdout.contains("data/train-00000-of-00002.parquet")
+            && stdout.contains("README.md"),
+        "{stdout}"
+    );
+    assert!(!stdout.contains(".mirgen/commits"), "{stdout}");
+    let stub = tmp.path().join("hf-stub.sh");
+    let log = tmp.path().join("hf-args.txt");
+    std::fs::write(
+        &stub,
+        format!(
+            "#!/bin/sh\necho \"$@\" > {}\n[ -n \"$HF_TOKEN\" ] || exit 3\n",
+            log.display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&stub, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let no_token = Command::new(env!("CARGO_BIN_EXE_mirgen"))
+        .args(["publish", "--dataset", &outs[0], "--repo", "org/mir-demo"])
+        .env_remove("HF_TOKEN")
+        .env("MIRGEN_HF_CLI", &stub)
+        .output()
+        .unwrap();
+    assert!(
+        !no_token.status.success()
+            && String::from_utf8_lossy(&no_token.stderr).contains("HF_TOKEN")
+    );
+    let ok = Command::new(env!("CARGO_BIN_EXE_mirgen"))
+        .args(["publish", "--dataset", &outs[0], "--repo", "org/mir-demo"])
+        .env("HF_TOKEN", "hf_secret_test_token")
+        .env("MIRGEN_HF_CLI", &stub)
+        .output()
+        .unwrap();
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    let args = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        args.starts_with("upload-large-folder org/mir-demo")
+            && args.contains("--repo-type dataset"),
+        "{args}"
+    );
+    let printed = format!(
+        "{}{}",
+        String::from_utf8_lossy(&ok.stdout),
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    assert!(
+        !printed.contains("hf_secret_test_token"),
+        "the token must never be printed"
+    );
+}
+
+/// Opens a page in headless Chromium, takes a screenshot, and fails on load
+/// errors. Needs MIRGEN_CHROMIUM (or `chromium` on PATH); required on CI.
+fn screenshot(page: &Path, png: &Path) {
+    let chromium = std::env::var("MIRGEN_CHROMIUM").unwrap_or_else(|_| "chromium".into());
+    let profile = tempfile::tempdir().unwrap();
+    let run = Command::new(&chromium)
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--enable-logging=stderr",
+            "--v=0",
+            "--window-size=1200,1600",
+        ])
+        .arg(format!("--user-data-dir={}", profile.path().display()))
+        .arg(format!("--screenshot={}", png.display()))
+        .arg(format!("file://{}", page.display()))
+        .output();
+    let Ok(run) = run else {
+        assert!(
+            std::env::var("CI").is_err(),
+            "CI must provide chromium (MIRGEN_CHROMIUM)"
+        );
+        eprintln!("no chromium: skipping the screenshot check");
+        return;
+    };
+    let log = String::from_utf8_lossy(&run.stderr);
+    assert!(run.status.success(), "chromium failed: {log}");
+    for bad in ["ERR_FILE_NOT_FOUND", "Uncaught", "Failed to load resource"] {
+        assert!(
+            !log.contains(bad),
+            "the page had a load error ({bad}):\n{log}"
+        );
+    }
+    let shot = image::open(png).unwrap().to_rgb8();
+    assert_eq!(shot.dimensions(), (1200, 1600));
+    let first = *shot.get_pixel(0, 0);
+    assert!(
+        shot.pixels().filter(|p| **p != first).count() > 10_000,
+        "the screenshot is blank"
+    );
+}

@@ -7,9 +7,12 @@ pub mod config;
 pub mod corpus;
 pub mod dataflow;
 pub mod eval;
+pub mod export;
 pub mod index;
 pub mod job;
 pub mod progress;
+pub mod publish;
+pub mod report;
 pub mod rounds;
 pub mod store;
 

@@ -31,6 +31,145 @@ enum Command {
     /// Hits@K per round (cumulative and per-round), mean/median rank, of
     /// finished datasets or ranks tables; several inputs are compared.
     Eval(EvalArgs),
+    /// Write a static HTML report of a finished dataset (filmstrips, Hits@K, stats).
+    Report(ReportArgs),
+    /// Export a finished dataset to GenIR's folder layout or ChatIR's dialog JSON.
+    Export(ExportArgs),
+    /// Upload a finished dataset folder to the Hugging Face Hub (token from HF_TOKEN).
+    Publish(PublishArgs),
+}
+
+/// `mirgen report --dataset out/demo --out out/demo-report` then open out/demo-report/index.html
+#[derive(Args)]
+struct ReportArgs {
+    /// A finished mirgen dataset (folder or object-store URL).
+    #[arg(long, value_name = "DIR|URL")]
+    dataset: String,
+    /// Folder for index.html and its images.
+    #[arg(long, value_name = "DIR")]
+    out: PathBuf,
+    /// Page title (default: the dataset's name from its config).
+    #[arg(long)]
+    title: Option<String>,
+    /// At most this many target filmstrips.
+    #[arg(long, default_value_t = 100, value_name = "N")]
+    max_targets: usize,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum ExportFormat {
+    /// GenIR's captions/, generated_images/, comparisons/, dialogues/ folders.
+    Genir,
+    /// ChatIR's dialog JSON: [{"img": path, "dialog": [query per round]}].
+    Chatir,
+}
+
+/// `mirgen export --dataset out/demo --format genir --out genir/`
+#[derive(Args)]
+struct ExportArgs {
+    /// A finished mirgen dataset (folder or object-store URL).
+    #[arg(long, value_name = "DIR|URL")]
+    dataset: String,
+    #[arg(long, value_enum)]
+    format: ExportFormat,
+    /// Output folder (genir) or JSON file (chatir).
+    #[arg(long, value_name = "PATH")]
+    out: PathBuf,
+}
+
+/// `mirgen publish --dataset out/demo --repo my-org/my-mir-dataset --dry-run`
+///
+/// Uses `hf upload-large-folder` (pip install huggingface_hub), which resumes
+/// an interrupted upload when the same command is run again.
+#[derive(Args)]
+struct PublishArgs {
+    /// A finished dataset in a local folder.
+    #[arg(long, value_name = "DIR")]
+    dataset: PathBuf,
+    /// Hub dataset repository, `org/name`.
+    #[arg(long, value_name = "ORG/NAME")]
+    repo: String,
+    /// Create the repository as private.
+    #[arg(long)]
+    private: bool,
+    /// List what would be uploaded and the command, upload nothing.
+    #[arg(long)]
+    dry_run: bool,
+}
+
+fn read_dataset(
+    spec: &str,
+) -> anyhow::Result<(mirgen_schemas::Manifest, Vec<mirgen_schemas::Record>)> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let loc = mirgen::store::Location::open(spec, false)?;
+    Ok(runtime.block_on(mirgen::commit::read_dataset(&loc))?)
+}
+
+fn report(args: ReportArgs) -> anyhow::Result<()> {
+    let (manifest, rows) = read_dataset(&args.dataset)?;
+    let title = args.title.clone().unwrap_or_else(|| {
+        manifest.config["output"]["pretty_name"]
+            .as_str()
+            .unwrap_or("mirgen dataset")
+            .to_string()
+    });
+    mirgen::report::write_report(&manifest, &rows, &args.out, &title, args.max_targets)?;
+    println!("wrote {}", args.out.join("index.html").display());
+    Ok(())
+}
+
+fn export(args: ExportArgs) -> anyhow::Result<()> {
+    let (_, rows) = read_dataset(&args.dataset)?;
+    match args.format {
+        ExportFormat::Genir => {
+            let n = mirgen::export::export_genir(&rows, &args.out)?;
+            println!("wrote {n} GenIR dialogues under {}", args.out.display());
+        }
+        ExportFormat::Chatir => {
+            let dialogs = mirgen::export::chatir_dialogs(&rows);
+            std::fs::write(&args.out, serde_json::to_vec(&dialogs)?)
+                .map_err(|e| anyhow::anyhow!("cannot write {}: {e}", args.out.display()))?;
+            println!(
+                "wrote {} ChatIR dialogs to {}",
+                dialogs.as_array().map_or(0, Vec::len),
+                args.out.display()
+            );
+        }
+    }
+    Ok(())
+}
+
+fn publish(args: PublishArgs) -> anyhow::Result<()> {
+    mirgen::publish::check_repo_id(&args.repo)?;
+    let plan = mirgen::publish::plan_upload(&args.dataset)?;
+    if args.dry_run {
+        for (f, n) in &plan.files {
+            println!("{n:>12}  {f}");
+        }
+        let cmd = mirgen::publish::upload_command(
+            std::path::Path::new("hf"),
+            &args.dataset,
+            &args.repo,
+            args.private,
+        );
+        println!(
+            "dry run: {} files, {} bytes would go to https://huggingface.co/datasets/{} with: hf {}",
+            plan.files.len(),
+            plan.total_bytes(),
+            args.repo,
+            cmd.get_args().map(|a| a.to_string_lossy().to_string()).collect::<Vec<_>>().join(" ")
+        );
+        return Ok(());
+    }
+    mirgen::publish::publish(&args.dataset, &args.repo, args.private)?;
+    println!(
+        "published {} to https://huggingface.co/datasets/{}",
+        args.dataset.display(),
+        args.repo
+    );
+    Ok(())
 }
 
 /// `mirgen eval --dataset out/demo --dataset out/other --plot hits.svg`
@@ -69,13 +208,9 @@ fn eval(args: EvalArgs) -> anyhow::Result<()> {
         !args.k.is_empty() && args.k.iter().all(|&k| k > 0),
         "--k needs positive values"
     );
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
     let mut reports = Vec::new();
     for spec in &args.datasets {
-        let loc = mirgen::store::Location::open(spec, false)?;
-        let (_, rows) = runtime.block_on(mirgen::commit::read_dataset(&loc))?;
+        let (_, rows) = read_dataset(spec)?;
         reports.push(evaluate(spec, &mirgen::commit::rank_rows(&rows), &args.k));
     }
     for path in &args.ranks {
@@ -206,6 +341,9 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Run(args) => run(args),
         Command::Eval(args) => eval(args),
+        Command::Report(args) => report(args),
+        Command::Export(args) => export(args),
+        Command::Publish(args) => publish(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
