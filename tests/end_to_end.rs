@@ -572,6 +572,43 @@ fn modes_eval_report_export_and_publish_dry_run() {
     let svg = std::fs::read_to_string(&plot).unwrap();
     assert_eq!(svg.matches("<polyline").count(), 3, "one line per run");
 
+    // text retrieval of the genir run's round-0 captions = the verbal run's
+    // recorded round-0 ranks (same captions, both ranked by text)
+    let genir_config = tmp.path().join("genir/job.toml");
+    let mut views = Vec::new();
+    for view in ["text", "fused"] {
+        let out = mirgen(&[
+            "eval",
+            "--json",
+            "--dataset",
+            &outs[0],
+            "--retrieval",
+            view,
+            "--config",
+            genir_config.to_str().unwrap(),
+        ]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        views.push(serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()[0].clone());
+    }
+    assert_eq!(views[0]["mean_rank"][0], reports[1]["mean_rank"][0]);
+    assert_eq!(
+        views[0]["cumulative"]["10"][0],
+        reports[1]["cumulative"]["10"][0]
+    );
+    assert_ne!(
+        views[1]["mean_rank"], views[0]["mean_rank"],
+        "fusion mixes in the image scores"
+    );
+    let no_config = mirgen(&["eval", "--dataset", &outs[0], "--retrieval", "text"]);
+    assert!(
+        !no_config.status.success()
+            && String::from_utf8_lossy(&no_config.stderr).contains("--config")
+    );
+
     // HTML report
     let report = tmp.path().join("report");
     let out = mirgen(&[

@@ -70,14 +70,31 @@ impl CorpusIndex {
         self.position.contains_key(id)
     }
 
+    /// Inner product of `query` with every indexed vector, in corpus order.
+    pub fn scores(&self, query: &[f32]) -> Vec<f32> {
+        self.vectors
+            .chunks_exact(self.dim)
+            .map(|row| row.iter().zip(query).map(|(a, b)| a * b).sum())
+            .collect()
+    }
+
+    /// 0-based rank of `target` under `scores` (ties broken by corpus order).
+    pub fn rank_of(&self, scores: &[f32], target: &str) -> Option<i64> {
+        let &ti = self.position.get(target)?;
+        let ts = scores[ti];
+        Some(
+            scores
+                .iter()
+                .enumerate()
+                .filter(|&(i, &s)| s > ts || (s == ts && i < ti))
+                .count() as i64,
+        )
+    }
+
     /// Exact search: scores every indexed image, keeps the best `top_k`
     /// (ties broken by corpus order) and the rank of `target`.
     pub fn search(&self, query: &[f32], top_k: usize, target: Option<&str>) -> SearchResult {
-        let scores: Vec<f32> = self
-            .vectors
-            .chunks_exact(self.dim)
-            .map(|row| row.iter().zip(query).map(|(a, b)| a * b).sum())
-            .collect();
+        let scores = self.scores(query);
         let better = |a: usize, b: usize| scores[b].total_cmp(&scores[a]).then(a.cmp(&b));
         let mut order: Vec<usize> = (0..scores.len()).collect();
         let k = top_k.min(order.len());

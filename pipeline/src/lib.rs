@@ -13,6 +13,7 @@ pub mod job;
 pub mod progress;
 pub mod publish;
 pub mod report;
+pub mod rescore;
 pub mod rounds;
 pub mod store;
 

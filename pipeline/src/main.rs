@@ -196,6 +196,17 @@ struct EvalArgs {
     /// Write an SVG plot of cumulative Hits@K (the largest K) against the round.
     #[arg(long, value_name = "FILE.svg")]
     plot: Option<PathBuf>,
+    /// Which view ranks the corpus for --dataset inputs: the recorded ranks
+    /// (`image`: the drawing in genir mode), the query `text`, or `fused`
+    /// image and text scores. `text` and `fused` re-embed with --config's embedder.
+    #[arg(long, value_enum, default_value_t = mirgen::rescore::Retrieval::Image)]
+    retrieval: mirgen::rescore::Retrieval,
+    /// Job config whose corpus and embedder re-rank for --retrieval text|fused.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Fusion weights w_img0,w_txt0,w_img,w_txt (round 0, later rounds); default DAR's 0.2,0.8,0.5,0.5.
+    #[arg(long, value_name = "W", default_value = "0.2,0.8,0.5,0.5")]
+    fuse_weights: String,
 }
 
 fn eval(args: EvalArgs) -> anyhow::Result<()> {
@@ -209,9 +220,22 @@ fn eval(args: EvalArgs) -> anyhow::Result<()> {
         "--k needs positive values"
     );
     let mut reports = Vec::new();
+    let weights = mirgen::rescore::FuseWeights::parse(&args.fuse_weights)?;
+    let cfg = match (&args.config, args.retrieval) {
+        (_, mirgen::rescore::Retrieval::Image) => None,
+        (Some(c), _) => Some(LoadedConfig::load(c)?),
+        (None, r) => anyhow::bail!("--retrieval {r:?} re-embeds the queries: give the job's --config (its corpus and embedder)"),
+    };
     for spec in &args.datasets {
         let (_, rows) = read_dataset(spec)?;
-        reports.push(evaluate(spec, &mirgen::commit::rank_rows(&rows), &args.k));
+        let ranks = match &cfg {
+            None => mirgen::commit::rank_rows(&rows),
+            Some(cfg) => {
+                let loc = mirgen::store::Location::open(spec, false)?;
+                mirgen::rescore::rescore(cfg, &loc, &rows, args.retrieval, weights)?
+            }
+        };
+        reports.push(evaluate(spec, &ranks, &args.k));
     }
     for path in &args.ranks {
         let text = std::fs::read_to_string(path)

@@ -1,0 +1,137 @@
+//! Re-ranking a finished dataset with another retrieval view, for
+//! `mirgen eval --retrieval text|fused`: the query text against the corpus,
+//! or a fusion of image and text scores (DAR: score = w_img * s_img +
+//! w_txt * s_txt, (0.2, 0.8) at round 0 and (0.5, 0.5) after).
+
+use mirgen_schemas::{Record, RecordStatus};
+use mirgen_workers::image_io::decode_rgb;
+
+use crate::commit::STAGING;
+use crate::config::LoadedConfig;
+use crate::corpus::Corpus;
+use crate::eval::RankRow;
+use crate::index::CorpusIndex;
+use crate::rounds::Models;
+use crate::store::Location;
+use crate::PipelineError;
+
+/// Which view ranks the corpus.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Retrieval {
+    /// The ranks recorded in the dataset (the drawing in genir mode).
+    Image,
+    /// The query text.
+    Text,
+    /// Weighted sum of image and text scores.
+    Fused,
+}
+
+/// Fusion weights (w_img, w_txt) at round 0 and at later rounds.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct FuseWeights {
+    pub first: (f32, f32),
+    pub later: (f32, f32),
+}
+
+impl Default for FuseWeights {
+    /// DAR's weights.
+    fn default() -> Self {
+        FuseWeights {
+            first: (0.2, 0.8),
+            later: (0.5, 0.5),
+        }
+    }
+}
+
+impl FuseWeights {
+    /// Parses `w_img0,w_txt0,w_img,w_txt`.
+    pub fn parse(s: &str) -> Result<Self, PipelineError> {
+        let v: Vec<f32> = s
+            .split(',')
+            .map(|x| x.trim().parse::<f32>())
+            .collect::<Result<_, _>>()
+            .map_err(|_| {
+                PipelineError::Input(format!(
+                    "--fuse-weights {s:?}: expected four numbers w_img0,w_txt0,w_img,w_txt"
+                ))
+            })?;
+        if v.len() != 4 {
+            return Err(PipelineError::Input(format!(
+                "--fuse-weights {s:?}: expected four numbers w_img0,w_txt0,w_img,w_txt"
+            )));
+        }
+        Ok(FuseWeights {
+            first: (v[0], v[1]),
+            later: (v[2], v[3]),
+        })
+    }
+}
+
+/// Ranks every ok row of `rows` with the embedder of `cfg` over its corpus
+/// (index cached under the dataset's staging folder).
+pub fn rescore(
+    cfg: &LoadedConfig,
+    dataset: &Location,
+    rows: &[Record],
+    retrieval: Retrieval,
+    weights: FuseWeights,
+) -> Result<Vec<RankRow>, PipelineError> {
+    if retrieval == Retrieval::Image {
+        return Ok(crate::commit::rank_rows(rows));
+    }
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| PipelineError::Input(format!("cannot start the IO runtime: {e}")))?;
+    let corpus = runtime.block_on(Corpus::load(cfg))?;
+    let mut models = Models::build(&cfg.config, &mirgen_workers::Device::Cpu)?;
+    let staging = Location {
+        prefix: dataset.path(STAGING),
+        ..dataset.clone()
+    };
+    let (index, _) = runtime.block_on(CorpusIndex::load_or_build(
+        &staging,
+        &corpus,
+        models.embedder.as_mut(),
+        cfg.config.batch.index_batch,
+        |_, _| {},
+    ))?;
+    let mut out = Vec::with_capacity(rows.len());
+    for r in rows {
+        let rank = match (&r.query, r.status) {
+            (Some(q), RecordStatus::Ok) => {
+                let text = models
+                    .embedder
+                    .embed_texts(std::slice::from_ref(q))?
+                    .remove(0);
+                let text_scores = index.scores(&text);
+                let scores = match (&r.synthetic_image, retrieval) {
+                    (Some(cell), Retrieval::Fused) => {
+                        let img = decode_rgb(&cell.path, &cell.bytes)?;
+                        let image = models.embedder.embed_images(&[&img])?.remove(0);
+                        let (wi, wt) = if r.round == 0 {
+                            weights.first
+                        } else {
+                            weights.later
+                        };
+                        index
+                            .scores(&image)
+                            .iter()
+                            .zip(&text_scores)
+                            .map(|(si, st)| wi * si + wt * st)
+                            .collect()
+                    }
+                    _ => text_scores,
+                };
+                index.rank_of(&scores, &r.target_id)
+            }
+            _ => None,
+        };
+        out.push(RankRow {
+            target_id: r.target_id.clone(),
+            round: r.round,
+            rank,
+        });
+    }
+    Ok(out)
+}
