@@ -204,6 +204,14 @@ struct EvalArgs {
     /// Job config whose corpus and embedder re-rank for --retrieval text|fused.
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
+    /// ChatIR-format dialogs (`[{"img", "dialog": [...]}]`) to score with
+    /// --config's embedder over its corpus: round t's query is the first t+1
+    /// turns joined with ", " (ChatIR's protocol). Repeatable.
+    #[arg(long = "dialogs", value_name = "FILE.json")]
+    dialogs: Vec<PathBuf>,
+    /// Where the corpus index for --dialogs is cached (folder or URL).
+    #[arg(long, value_name = "DIR|URL", default_value = "output/.eval-index")]
+    index_cache: String,
     /// Fusion weights w_img0,w_txt0,w_img,w_txt (round 0, later rounds); default DAR's 0.2,0.8,0.5,0.5.
     #[arg(long, value_name = "W", default_value = "0.2,0.8,0.5,0.5")]
     fuse_weights: String,
@@ -221,6 +229,28 @@ fn eval(args: EvalArgs) -> anyhow::Result<()> {
     );
     let mut reports = Vec::new();
     let weights = mirgen::rescore::FuseWeights::parse(&args.fuse_weights)?;
+    if !args.dialogs.is_empty() {
+        let Some(config) = &args.config else {
+            anyhow::bail!(
+                "--dialogs are ranked by text: give a job --config (its corpus and embedder)"
+            );
+        };
+        let dialog_cfg = LoadedConfig::load(config)?;
+        let cache = mirgen::store::Location::open(&args.index_cache, true)?;
+        for path in &args.dialogs {
+            let spec = path.display().to_string();
+            let text =
+                std::fs::read(path).map_err(|e| anyhow::anyhow!("cannot read {spec}: {e}"))?;
+            let value: serde_json::Value = serde_json::from_slice(&text)
+                .map_err(|e| anyhow::anyhow!("{spec} is not valid JSON: {e}"))?;
+            let dialogs = mirgen::rescore::parse_dialogs(&spec, &value)?;
+            reports.push(evaluate(
+                &spec,
+                &mirgen::rescore::rank_dialogs(&dialog_cfg, &cache, &dialogs)?,
+                &args.k,
+            ));
+        }
+    }
     let cfg = match (&args.config, args.retrieval) {
         (_, mirgen::rescore::Retrieval::Image) => None,
         (Some(c), _) => Some(LoadedConfig::load(c)?),

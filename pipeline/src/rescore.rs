@@ -67,6 +67,85 @@ impl FuseWeights {
     }
 }
 
+/// Parses ChatIR dialogs: `[{"img": path, "dialog": [strings]}]`.
+pub fn parse_dialogs(
+    spec: &str,
+    value: &serde_json::Value,
+) -> Result<Vec<(String, Vec<String>)>, PipelineError> {
+    let bad = |i: usize, what: &str| {
+        PipelineError::Input(format!(
+            "{spec}: entry {i} {what} (ChatIR format: {{\"img\": path, \"dialog\": [strings]}})"
+        ))
+    };
+    value
+        .as_array()
+        .ok_or_else(|| {
+            PipelineError::Input(format!("{spec}: expected a JSON list of ChatIR dialogs"))
+        })?
+        .iter()
+        .enumerate()
+        .map(|(i, d)| {
+            let img = d
+                .get("img")
+                .and_then(|x| x.as_str())
+                .ok_or_else(|| bad(i, "has no string \"img\""))?;
+            let dialog = d
+                .get("dialog")
+                .and_then(|x| x.as_array())
+                .ok_or_else(|| bad(i, "has no \"dialog\" list"))?
+                .iter()
+                .map(|x| {
+                    x.as_str()
+                        .map(str::to_string)
+                        .ok_or_else(|| bad(i, "has a non-string dialog turn"))
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok((img.to_string(), dialog))
+        })
+        .collect()
+}
+
+/// ChatIR's protocol: at round t the query is the dialog's first t+1 turns
+/// joined with ", ", ranked by text against the corpus of `cfg`.
+pub fn rank_dialogs(
+    cfg: &LoadedConfig,
+    cache: &Location,
+    dialogs: &[(String, Vec<String>)],
+) -> Result<Vec<RankRow>, PipelineError> {
+    let (index, mut models) = index_for(cfg, cache)?;
+    let mut out = Vec::new();
+    for (img, dialog) in dialogs {
+        for t in 0..dialog.len() {
+            let text = dialog[..=t].join(", ");
+            let v = models.embedder.embed_texts(&[text])?.remove(0);
+            out.push(RankRow {
+                target_id: img.clone(),
+                round: t as i32,
+                rank: index.rank_of(&index.scores(&v), img),
+            });
+        }
+    }
+    Ok(out)
+}
+
+/// The corpus index of `cfg`'s corpus and embedder, cached under `cache`.
+fn index_for(cfg: &LoadedConfig, cache: &Location) -> Result<(CorpusIndex, Models), PipelineError> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| PipelineError::Input(format!("cannot start the IO runtime: {e}")))?;
+    let corpus = runtime.block_on(Corpus::load(cfg))?;
+    let mut models = Models::build(&cfg.config, &mirgen_workers::Device::Cpu)?;
+    let (index, _) = runtime.block_on(CorpusIndex::load_or_build(
+        cache,
+        &corpus,
+        models.embedder.as_mut(),
+        cfg.config.batch.index_batch,
+        |_, _| {},
+    ))?;
+    Ok((index, models))
+}
+
 /// Ranks every ok row of `rows` with the embedder of `cfg` over its corpus
 /// (index cached under the dataset's staging folder).
 pub fn rescore(
