@@ -254,6 +254,7 @@ pub async fn finalize(
         .map(|r| r.target_id.as_str())
         .collect();
     let (cumulative, per_round) = hits_at_10(rows);
+    let mut at = crate::eval::evaluate("", &rank_rows(rows), &[1, 5]).cumulative;
     let stats = RunStats {
         targets: targets.len(),
         rows: rows.len(),
@@ -266,6 +267,8 @@ pub async fn finalize(
         corpus_failures: input.corpus_failures,
         cumulative_hits_at_10: cumulative,
         per_round_hits_at_10: per_round,
+        cumulative_hits_at_1: at.remove(&1).unwrap_or_default(),
+        cumulative_hits_at_5: at.remove(&5).unwrap_or_default(),
         data_bytes,
         wall_seconds: input.wall_seconds,
     };

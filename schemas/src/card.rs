@@ -139,16 +139,25 @@ pub fn render_card(input: &CardInput) -> String {
     let _ = writeln!(out, "| config hash | `{}` |", m.config_hash);
     let _ = writeln!(out, "| mirgen version | {} |\n", m.mirgen_version);
 
-    out.push_str("## Hits@10 per round\n\nCumulative = % of targets whose first hit (rank < 10) came at a round <= t (ChatIR/GenIR definition); per-round = % with a hit at round t.\n\n");
-    out.push_str("| round | cumulative Hits@10 | per-round Hits@10 |\n|---|---|---|\n");
-    for (r, (c, p)) in m
-        .stats
-        .cumulative_hits_at_10
-        .iter()
-        .zip(&m.stats.per_round_hits_at_10)
-        .enumerate()
-    {
-        let _ = writeln!(out, "| {r} | {c:.1} | {p:.1} |");
+    out.push_str("## Hits@K per round\n\nCumulative Hits@K = % of targets whose first hit (rank < K) came at a round <= t (ChatIR/GenIR definition, every target counted); per-round = % with a hit at round t.\n\n");
+    out.push_str(
+        "| round | Hits@1 | Hits@5 | Hits@10 | per-round Hits@10 |\n|---|---|---|---|---|\n",
+    );
+    let s = &m.stats;
+    let cell = |v: &Vec<f64>, r: usize| {
+        v.get(r)
+            .map(|x| format!("{x:.1}"))
+            .unwrap_or_else(|| "-".into())
+    };
+    for r in 0..s.cumulative_hits_at_10.len() {
+        let _ = writeln!(
+            out,
+            "| {r} | {} | {} | {} | {} |",
+            cell(&s.cumulative_hits_at_1, r),
+            cell(&s.cumulative_hits_at_5, r),
+            cell(&s.cumulative_hits_at_10, r),
+            cell(&s.per_round_hits_at_10, r)
+        );
     }
     out.push_str("\n## Models\n\n| role | model |\n|---|---|\n");
     for (role, desc) in &m.models {
@@ -213,6 +222,6 @@ mod tests {
         assert!(card.contains("num_examples: 22"));
         assert!(card.contains("Smoke-test dataset"));
         assert!(card.contains("- smoke-test"));
-        assert!(card.contains("| 0 | 50.0 | 50.0 |"));
+        assert!(card.contains("| 0 | - | - | 50.0 | 50.0 |"), "{card}");
     }
 }

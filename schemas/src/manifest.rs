@@ -34,6 +34,11 @@ pub struct RunStats {
     pub cumulative_hits_at_10: Vec<f64>,
     /// Per-round Hits@10 (% of targets with a hit at round t).
     pub per_round_hits_at_10: Vec<f64>,
+    /// Cumulative Hits@1 and Hits@5 per round (percent).
+    #[serde(default)]
+    pub cumulative_hits_at_1: Vec<f64>,
+    #[serde(default)]
+    pub cumulative_hits_at_5: Vec<f64>,
     /// Bytes of the data files (Parquet, compressed).
     #[serde(default)]
     pub data_bytes: u64,
