@@ -571,6 +571,10 @@ fn modes_eval_report_export_and_publish_dry_run() {
     }
     let svg = std::fs::read_to_string(&plot).unwrap();
     assert_eq!(svg.matches("<polyline").count(), 3, "one line per run");
+    assert!(
+        image::open(tmp.path().join("hits.png")).is_ok(),
+        "the PNG plot is written beside the SVG"
+    );
 
     // text retrieval of the genir run's round-0 captions = the verbal run's
     // recorded round-0 ranks (same captions, both ranked by text)

@@ -246,6 +246,40 @@ pub fn render_svg(reports: &[EvalReport], k: u32) -> String {
     s
 }
 
+/// Renders an SVG (as made by [`render_svg`]) to PNG bytes at its own size.
+/// Labels use the system's fonts (none installed: lines and axes only).
+pub fn svg_to_png(svg: &str) -> Result<Vec<u8>, PipelineError> {
+    use resvg::{tiny_skia, usvg};
+    let mut opt = usvg::Options::default();
+    let db = opt.fontdb_mut();
+    db.load_system_fonts();
+    // fontdb's generic sans-serif is Arial; use a font that is installed
+    let installed = ["DejaVu Sans", "Liberation Sans", "Noto Sans", "FreeSans"]
+        .into_iter()
+        .find(|f| {
+            db.faces()
+                .any(|face| face.families.iter().any(|(name, _)| name == f))
+        })
+        .map(str::to_string)
+        .or_else(|| {
+            db.faces()
+                .next()
+                .and_then(|f| f.families.first().map(|(n, _)| n.clone()))
+        });
+    if let Some(family) = installed {
+        db.set_sans_serif_family(family);
+    }
+    let tree = usvg::Tree::from_str(svg, &opt)
+        .map_err(|e| PipelineError::Input(format!("plot SVG: {e}")))?;
+    let size = tree.size().to_int_size();
+    let mut pixmap = tiny_skia::Pixmap::new(size.width(), size.height())
+        .ok_or_else(|| PipelineError::Input("plot has zero size".into()))?;
+    resvg::render(&tree, tiny_skia::Transform::default(), &mut pixmap.as_mut());
+    pixmap
+        .encode_png()
+        .map_err(|e| PipelineError::Input(format!("plot PNG: {e}")))
+}
+
 fn xml_escape(s: &str) -> String {
     s.replace('&', "&amp;")
         .replace('<', "&lt;")
@@ -285,6 +319,12 @@ mod tests {
         assert_eq!(rep.median_rank[1], Some(10.5));
         let svg = render_svg(std::slice::from_ref(&rep), 10);
         assert!(svg.contains("<polyline") && svg.contains(">x<"));
+        let png = image::load_from_memory(&svg_to_png(&svg).unwrap())
+            .unwrap()
+            .to_rgb8();
+        assert_eq!(png.dimensions(), (640, 400));
+        // the run's line is drawn in its colour (#1f77b4)
+        assert!(png.pixels().any(|p| p.0 == [0x1f, 0x77, 0xb4]));
         assert!(render_table(&[rep]).contains("cum@10"));
     }
 

@@ -193,7 +193,8 @@ struct EvalArgs {
     /// Print the reports as JSON instead of a table.
     #[arg(long)]
     json: bool,
-    /// Write an SVG plot of cumulative Hits@K (the largest K) against the round.
+    /// Write a plot of cumulative Hits@K (the largest K) against the round:
+    /// FILE.svg and FILE.png.
     #[arg(long, value_name = "FILE.svg")]
     plot: Option<PathBuf>,
     /// Which view ranks the corpus for --dataset inputs: the recorded ranks
@@ -280,9 +281,14 @@ fn eval(args: EvalArgs) -> anyhow::Result<()> {
     }
     if let Some(plot) = &args.plot {
         let k = *args.k.iter().max().expect("checked non-empty");
-        std::fs::write(plot, render_svg(&reports, k))
-            .map_err(|e| anyhow::anyhow!("cannot write {}: {e}", plot.display()))?;
-        eprintln!("wrote {}", plot.display());
+        let svg = render_svg(&reports, k);
+        let svg_path = plot.with_extension("svg");
+        let png_path = plot.with_extension("png");
+        std::fs::write(&svg_path, &svg)
+            .map_err(|e| anyhow::anyhow!("cannot write {}: {e}", svg_path.display()))?;
+        std::fs::write(&png_path, mirgen::eval::svg_to_png(&svg)?)
+            .map_err(|e| anyhow::anyhow!("cannot write {}: {e}", png_path.display()))?;
+        eprintln!("wrote {} and {}", svg_path.display(), png_path.display());
     }
     Ok(())
 }
