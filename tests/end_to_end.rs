@@ -491,15 +491,7 @@ fn baseline_modes_make_complete_datasets_without_drawings() {
     make_corpus(&corpus, 5);
     let mut queries = Vec::new();
     for mode in ["verbal", "prediction"] {
-        let dir = tmp.path().join(mode);
-        std::fs::create_dir_all(&dir).unwrap();
-        let config = write_config(&dir, &corpus, 2, "");
-        let text = std::fs::read_to_string(&config)
-            .unwrap()
-            .replace("seed = 7", &format!("seed = 7\nmode = \"{mode}\""));
-        std::fs::write(&config, text).unwrap();
-        let out = dir.join("out");
-        run_job(&config, &out, 2);
+        let out = run_mode(tmp.path(), &corpus, mode, 2);
         let (m, rows) = read_dataset(&out);
         assert_eq!(m.config["run"]["mode"], mode);
         assert_each_target_round_once(&rows, 5, 2);
@@ -514,6 +506,20 @@ fn baseline_modes_make_complete_datasets_without_drawings() {
     // same round-0 captions (same seeds), different feedback afterwards
     assert_eq!(queries[0][0], queries[1][0]);
     assert_ne!(queries[0], queries[1]);
+}
+
+/// Runs a 2-round job in `mode` under `root/<mode>/` (config `job.toml`, output `out`).
+fn run_mode(root: &Path, corpus: &Path, mode: &str, workers: usize) -> PathBuf {
+    let dir = root.join(mode);
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = write_config(&dir, corpus, 2, "");
+    let text = std::fs::read_to_string(&config)
+        .unwrap()
+        .replace("seed = 7", &format!("seed = 7\nmode = \"{mode}\""));
+    std::fs::write(&config, text).unwrap();
+    let out = dir.join("out");
+    run_job(&config, &out, workers);
+    out
 }
 
 fn mirgen(args: &[&str]) -> std::process::Output {
@@ -533,15 +539,7 @@ fn modes_eval_report_export_and_publish_dry_run() {
     make_corpus(&corpus, 4);
     let mut outs = Vec::new();
     for mode in ["genir", "verbal", "prediction"] {
-        let dir = tmp.path().join(mode);
-        std::fs::create_dir_all(&dir).unwrap();
-        let config = write_config(&dir, &corpus, 2, "");
-        let text = std::fs::read_to_string(&config)
-            .unwrap()
-            .replace("seed = 7", &format!("seed = 7\nmode = \"{mode}\""));
-        std::fs::write(&config, text).unwrap();
-        let out = dir.join("out");
-        run_job(&config, &out, 1);
+        let out = run_mode(tmp.path(), &corpus, mode, 1);
         outs.push(out.display().to_string());
     }
     let plot = tmp.path().join("hits.svg");

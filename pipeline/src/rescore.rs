@@ -158,23 +158,11 @@ pub fn rescore(
     if retrieval == Retrieval::Image {
         return Ok(crate::commit::rank_rows(rows));
     }
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(|e| PipelineError::Input(format!("cannot start the IO runtime: {e}")))?;
-    let corpus = runtime.block_on(Corpus::load(cfg))?;
-    let mut models = Models::build(&cfg.config, &mirgen_workers::Device::Cpu)?;
     let staging = Location {
         prefix: dataset.path(STAGING),
         ..dataset.clone()
     };
-    let (index, _) = runtime.block_on(CorpusIndex::load_or_build(
-        &staging,
-        &corpus,
-        models.embedder.as_mut(),
-        cfg.config.batch.index_batch,
-        |_, _| {},
-    ))?;
+    let (index, mut models) = index_for(cfg, &staging)?;
     let mut out = Vec::with_capacity(rows.len());
     for r in rows {
         let rank = match (&r.query, r.status) {
