@@ -797,3 +797,118 @@ fn screenshot(page: &Path, png: &Path) {
         "the screenshot is blank"
     );
 }
+
+/// Waits until something listens on `port`.
+fn wait_for_port(port: u16) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "nothing listens on port {port}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn start_s3s_fs(bin: &str, root: &Path, port: u16) -> std::process::Child {
+    let child = Command::new(bin)
+        .args(["--host", "127.0.0.1", "--port", &port.to_string()])
+        .args([
+            "--access-key",
+            "AKIDMIRGENTEST",
+            "--secret-key",
+            "mirgen-test-secret-7f3a",
+        ])
+        .arg(root)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_for_port(port);
+    child
+}
+
+/// The same job writes to S3 (a loopback s3s-fs server, installed by
+/// .ci/run; MIRGEN_S3S_FS names its binary), survives a server restart in the
+/// middle of the run, and never prints or stores the credentials.
+#[test]
+fn s3_output_survives_a_server_restart_without_leaking_credentials() {
+    let Ok(server) = std::env::var("MIRGEN_S3S_FS") else {
+        assert!(
+            std::env::var("CI").is_err(),
+            "CI must set MIRGEN_S3S_FS (cargo install s3s-fs --features binary)"
+        );
+        eprintln!("MIRGEN_S3S_FS not set: skipping the S3 test");
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let corpus = tmp.path().join("corpus");
+    make_corpus(&corpus, 9);
+    let config = write_config(tmp.path(), &corpus, 2, "");
+    let root = tmp.path().join("s3");
+    std::fs::create_dir_all(root.join("bucket")).unwrap();
+    let port = free_ports(1)[0];
+    let mut s3 = start_s3s_fs(&server, &root, port);
+    let mut job = Command::new(env!("CARGO_BIN_EXE_mirgen"))
+        .args(["run", "--progress", "log", "-w", "2", "--config"])
+        .arg(&config)
+        .args(["--output", "s3://bucket/datasets/run1"])
+        .env("AWS_ACCESS_KEY_ID", "AKIDMIRGENTEST")
+        .env("AWS_SECRET_ACCESS_KEY", "mirgen-test-secret-7f3a")
+        .env("AWS_ENDPOINT", format!("http://127.0.0.1:{port}"))
+        .env("AWS_ALLOW_HTTP", "true")
+        .env("AWS_REGION", "us-east-1")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // restart the server once the first wave is committed
+    let commits = root.join("bucket/datasets/run1/.mirgen/commits");
+    let deadline = Instant::now() + Duration::from_secs(300);
+    while std::fs::read_dir(&commits).map(|d| d.count()).unwrap_or(0) == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "no commit appeared on the S3 server"
+        );
+        assert!(
+            job.try_wait().unwrap().is_none(),
+            "the job ended before the restart"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    s3.kill().unwrap();
+    s3.wait().unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    let mut s3 = start_s3s_fs(&server, &root, port);
+    let out = job.wait_with_output().unwrap();
+    s3.kill().unwrap();
+    let log = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{log}");
+    assert!(log.contains("27 rows"), "{log}");
+    // s3s-fs keeps objects as files: read the dataset from its folder
+    let (_, rows) = read_dataset(&root.join("bucket/datasets/run1"));
+    assert_each_target_round_once(&rows, 9, 2);
+    // no credential in the logs or in any stored object
+    assert!(
+        !log.contains("mirgen-test-secret-7f3a") && !log.contains("AKIDMIRGENTEST"),
+        "{log}"
+    );
+    let mut stack = vec![root.join("bucket")];
+    while let Some(dir) = stack.pop() {
+        for e in std::fs::read_dir(dir).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                stack.push(p);
+            } else {
+                let bytes = std::fs::read(&p).unwrap();
+                let needle = b"mirgen-test-secret-7f3a";
+                assert!(
+                    !bytes.windows(needle.len()).any(|w| w == needle),
+                    "{} holds the secret key",
+                    p.display()
+                );
+            }
+        }
+    }
+}
