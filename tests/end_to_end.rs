@@ -807,7 +807,17 @@ fn wait_for_port(port: u16) {
     }
 }
 
-fn start_s3s_fs(bin: &str, root: &Path, port: u16) -> std::process::Child {
+/// A child process killed (and reaped) when dropped, also when a test fails.
+struct Server(std::process::Child);
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn start_s3s_fs(bin: &str, root: &Path, port: u16) -> Server {
     let child = Command::new(bin)
         .args(["--host", "127.0.0.1", "--port", &port.to_string()])
         .args([
@@ -821,8 +831,9 @@ fn start_s3s_fs(bin: &str, root: &Path, port: u16) -> std::process::Child {
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
+    let server = Server(child);
     wait_for_port(port);
-    child
+    server
 }
 
 /// The same job writes to S3 (a loopback s3s-fs server, installed by
@@ -845,7 +856,7 @@ fn s3_output_survives_a_server_restart_without_leaking_credentials() {
     let root = tmp.path().join("s3");
     std::fs::create_dir_all(root.join("bucket")).unwrap();
     let port = free_ports(1)[0];
-    let mut s3 = start_s3s_fs(&server, &root, port);
+    let s3 = start_s3s_fs(&server, &root, port);
     let mut job = Command::new(env!("CARGO_BIN_EXE_mirgen"))
         .args(["run", "--progress", "log", "-w", "2", "--config"])
         .arg(&config)
@@ -873,12 +884,11 @@ fn s3_output_survives_a_server_restart_without_leaking_credentials() {
         );
         std::thread::sleep(Duration::from_millis(20));
     }
-    s3.kill().unwrap();
-    s3.wait().unwrap();
+    drop(s3);
     std::thread::sleep(Duration::from_millis(500));
-    let mut s3 = start_s3s_fs(&server, &root, port);
+    let s3 = start_s3s_fs(&server, &root, port);
     let out = job.wait_with_output().unwrap();
-    s3.kill().unwrap();
+    drop(s3);
     let log = format!(
         "{}{}",
         String::from_utf8_lossy(&out.stdout),
