@@ -434,17 +434,14 @@ fn three_processes_of_two_workers_make_the_records_of_one_process() {
 fn eval_matches_the_chatir_formula_on_a_ranks_table() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
     let table = root.join("tests/data/ranks_chatir.csv");
-    let bin = env!("CARGO_BIN_EXE_mirgen");
-    let out = Command::new(bin)
-        .args(["eval", "--json", "--k", "1,5,10", "--ranks"])
-        .arg(&table)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = mirgen_ok(&[
+        "eval",
+        "--json",
+        "--k",
+        "1,5,10",
+        "--ranks",
+        table.to_str().unwrap(),
+    ]);
     let reports: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let ours = &reports[0]["cumulative"];
     assert_eq!(reports[0]["targets"], 60);
@@ -522,6 +519,17 @@ fn run_mode(root: &Path, corpus: &Path, mode: &str, workers: usize) -> PathBuf {
     out
 }
 
+/// Runs `mirgen` and asserts it succeeded (showing its stderr otherwise).
+fn mirgen_ok(args: &[&str]) -> std::process::Output {
+    let out = mirgen(args);
+    assert!(
+        out.status.success(),
+        "mirgen {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
 fn mirgen(args: &[&str]) -> std::process::Output {
     Command::new(env!("CARGO_BIN_EXE_mirgen"))
         .args(args)
@@ -543,7 +551,7 @@ fn modes_eval_report_export_and_publish_dry_run() {
         outs.push(out.display().to_string());
     }
     let plot = tmp.path().join("hits.svg");
-    let out = mirgen(&[
+    let out = mirgen_ok(&[
         "eval",
         "--json",
         "--dataset",
@@ -555,11 +563,6 @@ fn modes_eval_report_export_and_publish_dry_run() {
         "--plot",
         plot.to_str().unwrap(),
     ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
     let reports: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(reports.as_array().unwrap().len(), 3);
     for r in reports.as_array().unwrap() {
@@ -579,7 +582,7 @@ fn modes_eval_report_export_and_publish_dry_run() {
     let genir_config = tmp.path().join("genir/job.toml");
     let mut views = Vec::new();
     for view in ["text", "fused"] {
-        let out = mirgen(&[
+        let out = mirgen_ok(&[
             "eval",
             "--json",
             "--dataset",
@@ -589,11 +592,6 @@ fn modes_eval_report_export_and_publish_dry_run() {
             "--config",
             genir_config.to_str().unwrap(),
         ]);
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
         views.push(serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()[0].clone());
     }
     assert_eq!(views[0]["mean_rank"][0], reports[1]["mean_rank"][0]);
@@ -613,18 +611,13 @@ fn modes_eval_report_export_and_publish_dry_run() {
 
     // HTML report
     let report = tmp.path().join("report");
-    let out = mirgen(&[
+    mirgen_ok(&[
         "report",
         "--dataset",
         &outs[0],
         "--out",
         report.to_str().unwrap(),
     ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
     let html = std::fs::read_to_string(report.join("index.html")).unwrap();
     let srcs: Vec<&str> = html
         .split("src=\"")
@@ -647,17 +640,15 @@ fn modes_eval_report_export_and_publish_dry_run() {
 
     // exports
     let genir = tmp.path().join("genir");
-    assert!(mirgen(&[
+    mirgen_ok(&[
         "export",
         "--dataset",
         &outs[0],
         "--format",
         "genir",
         "--out",
-        genir.to_str().unwrap()
-    ])
-    .status
-    .success());
+        genir.to_str().unwrap(),
+    ]);
     assert_eq!(
         std::fs::read_dir(genir.join("dialogues")).unwrap().count(),
         4
@@ -669,17 +660,15 @@ fn modes_eval_report_export_and_publish_dry_run() {
         12
     );
     let chatir = tmp.path().join("dialogs.json");
-    assert!(mirgen(&[
+    mirgen_ok(&[
         "export",
         "--dataset",
         &outs[0],
         "--format",
         "chatir",
         "--out",
-        chatir.to_str().unwrap()
-    ])
-    .status
-    .success());
+        chatir.to_str().unwrap(),
+    ]);
     let dialogs: serde_json::Value =
         serde_json::from_slice(&std::fs::read(&chatir).unwrap()).unwrap();
     assert_eq!(dialogs[0]["dialog"].as_array().unwrap().len(), 3);
