@@ -63,10 +63,13 @@ window = 3
     path
 }
 
-fn run_job(config: &Path, output: &Path, workers: usize) -> RunOutcome {
-    let cfg = LoadedConfig::load(config).unwrap();
+fn try_run_job(
+    config: &Path,
+    output: &Path,
+    workers: usize,
+) -> Result<RunOutcome, mirgen::PipelineError> {
     job::run(
-        cfg,
+        LoadedConfig::load(config).unwrap(),
         RunOptions {
             output: output.display().to_string(),
             timely_args: vec!["mirgen".into(), "-w".into(), workers.to_string()],
@@ -75,7 +78,10 @@ fn run_job(config: &Path, output: &Path, workers: usize) -> RunOutcome {
             progress: ProgressMode::None,
         },
     )
-    .unwrap()
+}
+
+fn run_job(config: &Path, output: &Path, workers: usize) -> RunOutcome {
+    try_run_job(config, output, workers).unwrap()
 }
 
 fn read_dataset(output: &Path) -> (Manifest, Vec<Record>) {
@@ -170,18 +176,7 @@ fn run_writes_hf_layout_same_records_for_any_worker_count_and_resumes_as_noop() 
 
     // a config that changes results is refused on this output
     let changed = write_config(tmp.path(), &corpus, 3, "");
-    let err = job::run(
-        LoadedConfig::load(&changed).unwrap(),
-        RunOptions {
-            output: out1.display().to_string(),
-            timely_args: vec!["mirgen".into()],
-            process: 0,
-            device: "cpu".into(),
-            progress: ProgressMode::None,
-        },
-    )
-    .unwrap_err()
-    .to_string();
+    let err = try_run_job(&changed, &out1, 1).unwrap_err().to_string();
     assert!(err.contains("another configuration"), "{err}");
 
     python_checks(&out1);
@@ -261,18 +256,9 @@ fn bad_corpus_files_are_reported_and_good_targets_complete() {
 fn missing_corpus_and_unknown_keys_are_clear_errors() {
     let tmp = tempfile::tempdir().unwrap();
     let config = write_config(tmp.path(), &tmp.path().join("nowhere"), 1, "");
-    let err = job::run(
-        LoadedConfig::load(&config).unwrap(),
-        RunOptions {
-            output: tmp.path().join("o").display().to_string(),
-            timely_args: vec!["mirgen".into()],
-            process: 0,
-            device: "cpu".into(),
-            progress: ProgressMode::None,
-        },
-    )
-    .unwrap_err()
-    .to_string();
+    let err = try_run_job(&config, &tmp.path().join("o"), 1)
+        .unwrap_err()
+        .to_string();
     assert!(
         err.contains("corpus.root") && err.contains("nowhere") && err.contains("does not exist"),
         "{err}"

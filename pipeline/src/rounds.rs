@@ -20,7 +20,7 @@ use mirgen_schemas::{ImageCell, Record, RecordStatus, StageTimings};
 use mirgen_workers::{
     embedder::ClipEmbedder,
     generator::SdGenerator,
-    image_io::{decode_rgb, encode, ImageEncoding},
+    image_io::{decode_rgb, encode},
     roles::{CompareItem, RefineItem},
     seed::derive_seed,
     vlm::PaliGemmaStyleVlm,
@@ -273,10 +273,7 @@ pub fn run_wave(models: &mut Models, ctx: &WaveContext, ids: &[String]) -> Vec<R
             let cell = match &img {
                 Some(img) => match encode(img, cfg.output.image_format, cfg.output.jpeg_quality) {
                     Ok(bytes) => {
-                        let ext = match cfg.output.image_format {
-                            ImageEncoding::Png => "png",
-                            ImageEncoding::Jpeg => "jpg",
-                        };
+                        let ext = cfg.output.image_format.extension();
                         let name = file_name(&item.id);
                         let stem = name.rsplit_once('.').map(|(s, _)| s).unwrap_or(name);
                         Some(ImageCell {
