@@ -7,7 +7,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use mirgen::config::LoadedConfig;
-use mirgen::job::{self, RunOptions, RunOutcome};
+use mirgen::job::{self, IndexMode, RunOptions, RunOutcome};
 use mirgen::progress::ProgressMode;
 use mirgen_schemas::{records_from_parquet, Manifest, Record, RecordStatus};
 
@@ -68,6 +68,15 @@ fn try_run_job(
     output: &Path,
     workers: usize,
 ) -> Result<RunOutcome, mirgen::PipelineError> {
+    try_run_job_indexed(config, output, workers, IndexMode::Replicated)
+}
+
+fn try_run_job_indexed(
+    config: &Path,
+    output: &Path,
+    workers: usize,
+    index: IndexMode,
+) -> Result<RunOutcome, mirgen::PipelineError> {
     job::run(
         LoadedConfig::load(config).unwrap(),
         RunOptions {
@@ -76,6 +85,8 @@ fn try_run_job(
             process: 0,
             device: "cpu".into(),
             progress: ProgressMode::None,
+            index,
+            index_memory_mb: 2048,
         },
     )
 }
@@ -142,9 +153,29 @@ fn run_writes_hf_layout_same_records_for_any_worker_count_and_resumes_as_noop() 
         "{:?}",
         rows1.iter().find(|r| r.error.is_some())
     );
-    // byte-identical records (timings aside) whatever the number of workers
-    let strip = |rows: &[Record]| rows.iter().map(Record::without_timings).collect::<Vec<_>>();
+    // byte-identical records (timings aside) whatever the number of workers,
+    // and with the index sharded over 3 workers (distributed top-K)
+    let out3 = tmp.path().join("out-w3-sharded");
+    assert!(matches!(
+        try_run_job_indexed(&config, &out3, 3, IndexMode::Sharded).unwrap(),
+        RunOutcome::Finished { new_targets: 7, .. }
+    ));
+    let (_, rows3) = read_dataset(&out3);
+    let strip = |rows: &[Record]| {
+        let mut v = rows.iter().map(Record::without_timings).collect::<Vec<_>>();
+        v.sort_by(|a, b| (&a.target_id, a.round).cmp(&(&b.target_id, b.round)));
+        v
+    };
     assert_eq!(strip(&rows1), strip(&rows2));
+    assert_eq!(
+        strip(&rows1),
+        strip(&rows3),
+        "sharded index must rank as the replicated one"
+    );
+    let worker_stats = std::fs::read_dir(out3.join(".mirgen/stats"))
+        .unwrap()
+        .count();
+    assert_eq!(worker_stats, 3, "one stats file per worker");
     // rows are complete: round 0 has no feedback, later rounds do; ranks label hits
     for r in &rows1 {
         assert_eq!(r.feedback.is_none(), r.round == 0);
@@ -353,7 +384,7 @@ fn free_ports(n: usize) -> Vec<u16> {
 }
 
 #[test]
-fn three_processes_of_two_workers_make_the_records_of_one_process() {
+fn three_processes_of_two_workers_with_a_sharded_index_make_the_records_of_one_process() {
     let tmp = tempfile::tempdir().unwrap();
     let corpus = tmp.path().join("corpus");
     make_corpus(&corpus, 8);
@@ -381,6 +412,8 @@ fn three_processes_of_two_workers_make_the_records_of_one_process() {
                     "2",
                     "-n",
                     "3",
+                    "--index",
+                    "sharded",
                     "-p",
                     &p.to_string(),
                     "-h",
@@ -410,7 +443,11 @@ fn three_processes_of_two_workers_make_the_records_of_one_process() {
     let (_, cluster_rows) = read_dataset(&out);
     let (_, single_rows) = read_dataset(&single);
     assert_each_target_round_once(&cluster_rows, 8, 1);
-    let strip = |rows: &[Record]| rows.iter().map(Record::without_timings).collect::<Vec<_>>();
+    let strip = |rows: &[Record]| {
+        let mut v = rows.iter().map(Record::without_timings).collect::<Vec<_>>();
+        v.sort_by(|a, b| (&a.target_id, a.round).cmp(&(&b.target_id, b.round)));
+        v
+    };
     assert_eq!(strip(&cluster_rows), strip(&single_rows));
 }
 

@@ -234,6 +234,10 @@ pub struct BatchConfig {
     /// through each stage as one batch. Also the unit of commit.
     #[serde(default = "default_window")]
     pub window: usize,
+    /// Waves a worker keeps in flight when the index is sharded: while one
+    /// waits for the shards' search answers the worker computes another.
+    #[serde(default = "default_waves_in_flight")]
+    pub waves_in_flight: usize,
     /// Images per embedder call when indexing the corpus.
     #[serde(default = "default_index_batch")]
     pub index_batch: usize,
@@ -241,6 +245,9 @@ pub struct BatchConfig {
 
 fn default_window() -> usize {
     8
+}
+fn default_waves_in_flight() -> usize {
+    2
 }
 fn default_index_batch() -> usize {
     16
@@ -250,6 +257,7 @@ impl Default for BatchConfig {
     fn default() -> Self {
         BatchConfig {
             window: default_window(),
+            waves_in_flight: default_waves_in_flight(),
             index_batch: default_index_batch(),
         }
     }

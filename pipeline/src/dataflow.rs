@@ -8,18 +8,85 @@
 //! wave to the object store, then re-activates itself for the next wave. The
 //! control plane (which targets are still to do) is a differential
 //! antijoin; model payloads never enter differential operators.
+//!
+//! With a sharded index (each worker holds every n-th corpus vector) the
+//! search leaves the worker:
+//!
+//! ```text
+//! pending ─exchange(target)─> mir_rounds ─queries, one per shard─> exchange(shard) ─> shard_search
+//!                                 ^                                                       │
+//!                                 └──── feedback <── exchange(owner) <── local top-K ─────┘
+//! ```
+//! `mir_rounds` keeps up to `batch.waves_in_flight` waves; while one waits
+//! for its round's shard answers it works on another, and between model
+//! steps its worker answers other workers' queries. The owner merges the
+//! shards' top-K (ties by corpus position) and sums their "rows above the
+//! target" counts, which gives exactly the replicated index's answer.
 
+use std::collections::BTreeMap;
 use std::hash::{Hash, Hasher};
+use std::rc::Rc;
 use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use differential_dataflow::input::Input;
 use timely::dataflow::channels::pact::Exchange;
 use timely::dataflow::operators::generic::Operator;
-use timely::dataflow::operators::Probe;
+use timely::dataflow::operators::{ConnectLoop, Feedback, Probe};
 
 use crate::commit::Output;
+use crate::index::{merge_shard_hits, IndexShard, ShardHits};
 use crate::progress::Progress;
-use crate::rounds::{run_wave, Models, WaveContext};
+use crate::rounds::{run_wave, Models, StageSeconds, Wave, WaveContext};
+use crate::store::Location;
+
+/// How workers reach the corpus index.
+#[derive(Clone, Debug)]
+pub enum IndexPlan {
+    /// Every worker searches the whole index (`WaveContext::index`).
+    Replicated,
+    /// Every worker loads one shard of the cached index `key` from `cache`.
+    Sharded { cache: Location, key: String },
+}
+
+/// A search for one query, sent to one shard.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub struct ShardQuery {
+    shard: u64,
+    owner: u64,
+    wave: u64,
+    slot: u32,
+    vector: Vec<f32>,
+    /// The target's (score, corpus position), computed by its owner.
+    target: Option<(f32, u64)>,
+}
+
+/// A shard's answer, sent back to the query's owner.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub struct ShardReply {
+    owner: u64,
+    wave: u64,
+    slot: u32,
+    hits: ShardHits,
+}
+
+/// What one worker did (written to `.mirgen/stats/` and summed at the end).
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct WorkerStats {
+    pub process: usize,
+    pub worker: usize,
+    pub device: String,
+    pub targets: usize,
+    pub rows: usize,
+    pub failed_rows: usize,
+    pub waves: usize,
+    pub commit_seconds: f64,
+    /// Vectors this worker held for search (whole index, or its shard plus owned targets).
+    pub index_vectors: usize,
+    pub index_bytes: usize,
+    pub seconds: StageSeconds,
+    pub wall_seconds: f64,
+}
 
 /// A stable hash of a target id (timely's exchange uses the key as is).
 pub fn route(id: &str) -> u64 {
@@ -41,16 +108,69 @@ pub struct JobShared {
     pub errors: Mutex<Vec<String>>,
     /// Model descriptions, from the first worker that built models.
     pub models: Mutex<Option<std::collections::BTreeMap<String, serde_json::Value>>>,
+    pub index_plan: IndexPlan,
+    /// This process's index in the cluster (for stats).
+    pub process: usize,
+    /// Per-worker stats of this process, filled as workers finish.
+    pub worker_stats: Mutex<Vec<WorkerStats>>,
+}
+
+impl JobShared {
+    fn error(&self, message: String) {
+        self.errors.lock().expect("lock").push(message);
+    }
+
+    /// Commits a finished wave's rows (create-if-absent commit record) and counts it.
+    fn commit_wave(
+        &self,
+        worker: usize,
+        records: &[mirgen_schemas::Record],
+        stats: &mut WorkerStats,
+    ) {
+        let t = Instant::now();
+        let targets: std::collections::BTreeSet<&str> =
+            records.iter().map(|r| r.target_id.as_str()).collect();
+        let committed = self.ctx.runtime.block_on(self.output.commit_part(
+            &self.config_hash,
+            worker,
+            records,
+            self.ctx.config.output.row_group_rows,
+        ));
+        stats.commit_seconds += t.elapsed().as_secs_f64();
+        match committed {
+            Ok(_) => {
+                stats.waves += 1;
+                stats.targets += targets.len();
+                stats.rows += records.len();
+                stats.failed_rows += records
+                    .iter()
+                    .filter(|r| r.status == mirgen_schemas::RecordStatus::Failed)
+                    .count();
+                self.progress.inc(targets.len(), "targets")
+            }
+            Err(e) => self.error(format!(
+                "worker {worker}: could not commit {} targets ({e}); rerun the same command to retry them",
+                targets.len()
+            )),
+        }
+    }
 }
 
 /// Runs the dataflow on this process's workers; returns when all are done.
 pub fn run(shared: Arc<JobShared>, timely_args: Vec<String>) -> Result<(), String> {
     let guards = timely::execute_from_args(timely_args.into_iter(), move |worker| {
+        let started = Instant::now();
         let shared = shared.clone();
         let index = worker.index();
         let peers = worker.peers();
         let (device, line) = mirgen_workers::device::select(&shared.device, index);
         eprintln!("{line}");
+        let mut stats = WorkerStats {
+            process: shared.process,
+            worker: index,
+            device: format!("{device:?}"),
+            ..Default::default()
+        };
         let models = match Models::build(&shared.ctx.config, &device) {
             Ok(m) => {
                 shared
@@ -61,15 +181,50 @@ pub fn run(shared: Arc<JobShared>, timely_args: Vec<String>) -> Result<(), Strin
                 Some(m)
             }
             Err(e) => {
-                shared
-                    .errors
-                    .lock()
-                    .expect("lock")
-                    .push(format!("worker {index}: cannot build models: {e}"));
+                shared.error(format!("worker {index}: cannot build models: {e}"));
                 None
             }
         };
+        // this worker's part of the index (sharded plan)
+        let shard = match &shared.index_plan {
+            IndexPlan::Replicated => {
+                if let Some(ix) = &shared.ctx.index {
+                    stats.index_vectors = ix.len();
+                    stats.index_bytes = ix.vectors.len() * 4;
+                }
+                None
+            }
+            IndexPlan::Sharded { cache, key } => {
+                let owns = |id: &str| route(id) % peers as u64 == index as u64;
+                match shared
+                    .ctx
+                    .runtime
+                    .block_on(IndexShard::load(cache, key, index, peers, owns))
+                {
+                    Ok(s) => {
+                        eprintln!(
+                            "worker {index}: index shard {index}/{peers}: {} vectors + {} owned targets, {:.1} MiB",
+                            s.len(),
+                            s.owned_len(),
+                            s.vector_bytes() as f64 / (1 << 20) as f64
+                        );
+                        stats.index_vectors = s.len() + s.owned_len();
+                        stats.index_bytes = s.vector_bytes();
+                        Some(Rc::new(s))
+                    }
+                    Err(e) => {
+                        shared.error(format!("worker {index}: cannot load its index shard: {e}"));
+                        // an empty shard keeps the cluster's protocol going
+                        Some(Rc::new(IndexShard::empty(index, peers, 0)))
+                    }
+                }
+            }
+        };
         let window = shared.ctx.config.batch.window;
+        let max_waves = shared.ctx.config.batch.waves_in_flight.max(1);
+        let top_k = shared.ctx.config.run.top_k;
+        let stats = Rc::new(std::cell::RefCell::new(stats));
+        let op_stats = stats.clone();
         let op_shared = shared.clone();
         let (mut targets_in, mut committed_in, probe) = worker.dataflow::<u64, _, _>(|scope| {
             let (targets_in, targets) = scope.new_collection::<(String, ()), isize>();
@@ -78,10 +233,13 @@ pub fn run(shared: Arc<JobShared>, timely_args: Vec<String>) -> Result<(), Strin
             let mut models = models;
             let shared = op_shared;
             let activator_scope = scope;
+            let by_target = Exchange::new(|x: &((String, ()), u64, isize)| route(&(x.0).0));
+            let probe = match shard {
+            None => {
             let done = pending
                 .inner
                 .unary_frontier::<timely::container::CapacityContainerBuilder<Vec<usize>>, _, _, _>(
-                    Exchange::new(|x: &((String, ()), u64, isize)| route(&(x.0).0)),
+                    by_target,
                     "mir_rounds",
                     move |cap, info| {
                         let activator = activator_scope.activator_for(info.address.clone());
@@ -100,24 +258,14 @@ pub fn run(shared: Arc<JobShared>, timely_args: Vec<String>) -> Result<(), Strin
                                 queue.sort();
                                 let take = queue.len().min(window);
                                 let wave: Vec<String> = queue.drain(..take).collect();
-                                match models.as_mut() {
-                                    Some(models) => {
-                                        let records = run_wave(models, &shared.ctx, &wave);
-                                        let committed = shared.ctx.runtime.block_on(shared.output.commit_part(
-                                            &shared.config_hash,
-                                            index,
-                                            &records,
-                                            shared.ctx.config.output.row_group_rows,
-                                        ));
-                                        match committed {
-                                            Ok(_) => shared.progress.inc(wave.len(), "targets"),
-                                            Err(e) => shared.errors.lock().expect("lock").push(format!(
-                                                "worker {index}: could not commit {} targets ({e}); rerun the same command to retry them",
-                                                wave.len()
-                                            )),
-                                        }
+                                match (models.as_mut(), shared.ctx.index.as_ref()) {
+                                    (Some(models), Some(ix)) => {
+                                        let (records, seconds) = run_wave(models, &shared.ctx, ix, &wave);
+                                        let mut st = op_stats.borrow_mut();
+                                        st.seconds.add(&seconds);
+                                        shared.commit_wave(index, &records, &mut st);
                                     }
-                                    None => shared.errors.lock().expect("lock").push(format!(
+                                    _ => shared.error(format!(
                                         "worker {index}: skipped {} targets (no models)",
                                         wave.len()
                                     )),
@@ -136,6 +284,146 @@ pub fn run(shared: Arc<JobShared>, timely_args: Vec<String>) -> Result<(), Strin
                     },
                 );
             let (probe, _) = done.probe();
+            probe
+            }
+            Some(shard) => {
+            let (loop_handle, replies) = scope.feedback::<Vec<ShardReply>>(1);
+            let owner_shard = shard.clone();
+            let queries = pending
+                .inner
+                .binary_frontier::<_, timely::container::CapacityContainerBuilder<Vec<ShardQuery>>, _, _, _, _>(
+                    replies,
+                    by_target,
+                    Exchange::new(|r: &ShardReply| r.owner),
+                    "mir_rounds_sharded",
+                    move |cap, info| {
+                        let activator = activator_scope.activator_for(info.address.clone());
+                        let mut cap = Some(cap);
+                        let mut queue: Vec<String> = Vec::new();
+                        // wave id -> (wave, hits per query slot, replies received)
+                        let mut waves: BTreeMap<u64, (Wave, Vec<Vec<ShardHits>>, usize)> = BTreeMap::new();
+                        let mut next_wave = 0u64;
+                        let shard = owner_shard;
+                        move |(input, frontier), (replies, _), output| {
+                            input.for_each(|_time, data| {
+                                for ((id, ()), _t, diff) in data.drain(..) {
+                                    if diff > 0 {
+                                        queue.push(id);
+                                    }
+                                }
+                            });
+                            replies.for_each(|_time, data| {
+                                for r in data.drain(..) {
+                                    if let Some(w) = waves.get_mut(&r.wave) {
+                                        w.1[r.slot as usize].push(r.hits);
+                                        w.2 += 1;
+                                    }
+                                }
+                            });
+                            let input_done = frontier.is_empty();
+                            let ready = |waves: &BTreeMap<u64, (Wave, Vec<Vec<ShardHits>>, usize)>| {
+                                waves
+                                    .iter()
+                                    .find(|(_, w)| w.2 == w.1.len() * peers)
+                                    .map(|(k, _)| *k)
+                            };
+                            let can_start = |waves: &BTreeMap<u64, _>, queue: &Vec<String>| {
+                                waves.len() < max_waves
+                                    && (queue.len() >= window || (input_done && !queue.is_empty()))
+                            };
+                            // one model step per activation, so this worker's
+                            // shard_search answers other workers in between
+                            let stepped: Option<(u64, Wave)> = if let Some(id) = ready(&waves) {
+                                let (mut wave, hits, _) = waves.remove(&id).expect("ready wave");
+                                let results = hits
+                                    .iter()
+                                    .zip(wave.queries())
+                                    .map(|(h, (target, _))| merge_shard_hits(h, top_k, shard.owns(target)))
+                                    .collect();
+                                if let Some(models) = models.as_mut() {
+                                    wave.resume(models, &shared.ctx, results);
+                                }
+                                Some((id, wave))
+                            } else if can_start(&waves, &queue) {
+                                queue.sort();
+                                let take = queue.len().min(window);
+                                let ids: Vec<String> = queue.drain(..take).collect();
+                                match models.as_mut() {
+                                    Some(models) => {
+                                        next_wave += 1;
+                                        Some((next_wave, Wave::start(models, &shared.ctx, &ids, &|id| shard.owns(id))))
+                                    }
+                                    None => {
+                                        shared.error(format!(
+                                            "worker {index}: skipped {} targets (no models)",
+                                            ids.len()
+                                        ));
+                                        None
+                                    }
+                                }
+                            } else {
+                                None
+                            };
+                            if let Some((id, wave)) = stepped {
+                                if wave.is_done() {
+                                    let seconds = wave.seconds.clone();
+                                    let records = wave.into_records();
+                                    let mut st = op_stats.borrow_mut();
+                                    st.seconds.add(&seconds);
+                                    shared.commit_wave(index, &records, &mut st);
+                                } else if let Some(c) = cap.as_ref() {
+                                    let mut session = output.session(c);
+                                    let mut slots = 0;
+                                    for (slot, (target, vector)) in wave.queries().enumerate() {
+                                        let key = shard.target_key(target, vector);
+                                        for s in 0..peers as u64 {
+                                            session.give(ShardQuery {
+                                                shard: s,
+                                                owner: index as u64,
+                                                wave: id,
+                                                slot: slot as u32,
+                                                vector: vector.to_vec(),
+                                                target: key,
+                                            });
+                                        }
+                                        slots += 1;
+                                    }
+                                    waves.insert(id, (wave, vec![Vec::new(); slots], 0));
+                                }
+                            }
+                            if ready(&waves).is_some() || can_start(&waves, &queue) {
+                                activator.activate();
+                            }
+                            if input_done && queue.is_empty() && waves.is_empty() {
+                                cap = None;
+                            }
+                        }
+                    },
+                );
+            let answers = queries.clone().unary::<timely::container::CapacityContainerBuilder<Vec<ShardReply>>, _, _, _>(
+                Exchange::new(|q: &ShardQuery| q.shard),
+                "shard_search",
+                move |_cap, _info| {
+                    move |input, output| {
+                        input.for_each(|cap, data| {
+                            let mut session = output.session(&cap);
+                            for q in data.drain(..) {
+                                session.give(ShardReply {
+                                    owner: q.owner,
+                                    wave: q.wave,
+                                    slot: q.slot,
+                                    hits: shard.search(&q.vector, top_k, q.target),
+                                });
+                            }
+                        });
+                    }
+                },
+            );
+            answers.connect_loop(loop_handle);
+            let (probe, _) = queries.probe();
+            probe
+            }
+            };
             (targets_in, committed_in, probe)
         });
         // every worker introduces its share of the (identical) target list
@@ -156,6 +444,9 @@ pub fn run(shared: Arc<JobShared>, timely_args: Vec<String>) -> Result<(), Strin
         while !probe.done() {
             worker.step_or_park(None);
         }
+        let mut st = stats.borrow().clone();
+        st.wall_seconds = started.elapsed().as_secs_f64();
+        shared.worker_stats.lock().expect("lock").push(st);
     })?;
     for r in guards.join() {
         r?;

@@ -18,6 +18,15 @@ use crate::corpus::Corpus;
 use crate::store::Location;
 use crate::PipelineError;
 
+/// Rows per Parquet row group of a cached index.
+const INDEX_ROW_GROUP: usize = 8192;
+
+/// The inner product every search uses (one summation order everywhere, so
+/// a sharded search scores exactly as a replicated one).
+pub fn dot(a: &[f32], b: &[f32]) -> f32 {
+    a.iter().zip(b).map(|(x, y)| x * y).sum()
+}
+
 pub struct CorpusIndex {
     pub ids: Vec<String>,
     pub dim: usize,
@@ -74,8 +83,14 @@ impl CorpusIndex {
     pub fn scores(&self, query: &[f32]) -> Vec<f32> {
         self.vectors
             .chunks_exact(self.dim)
-            .map(|row| row.iter().zip(query).map(|(a, b)| a * b).sum())
+            .map(|row| dot(row, query))
             .collect()
+    }
+
+    /// The vector of an indexed image.
+    pub fn vector(&self, id: &str) -> Option<&[f32]> {
+        let &i = self.position.get(id)?;
+        Some(&self.vectors[i * self.dim..(i + 1) * self.dim])
     }
 
     /// 0-based rank of `target` under `scores` (ties broken by corpus order).
@@ -131,6 +146,14 @@ impl CorpusIndex {
         hex::encode(&h.finalize()[..12])
     }
 
+    /// The cache keys (data, failures) of an index.
+    pub fn cache_keys(key: &str) -> (String, String) {
+        (
+            format!("index/{key}.parquet"),
+            format!("index/{key}.failures.json"),
+        )
+    }
+
     fn to_parquet(&self) -> Result<Vec<u8>, PipelineError> {
         let schema = Arc::new(Schema::new(vec![
             Field::new("id", DataType::Utf8, false),
@@ -153,7 +176,11 @@ impl CorpusIndex {
             ],
         )?;
         let mut buf = Vec::new();
-        let mut w = ArrowWriter::try_new(&mut buf, schema, None)?;
+        // small row groups: shard loaders stream the file one group at a time
+        let props = parquet::file::properties::WriterProperties::builder()
+            .set_max_row_group_row_count(Some(INDEX_ROW_GROUP))
+            .build();
+        let mut w = ArrowWriter::try_new(&mut buf, schema, Some(props))?;
         w.write(&batch)?;
         w.close()?;
         Ok(buf)
@@ -193,6 +220,26 @@ impl CorpusIndex {
         Ok(CorpusIndex::new(ids, dim, vectors, failures))
     }
 
+    /// The failures list of the cached index `key`, if that index is complete.
+    pub async fn cached_failures(
+        cache: &Location,
+        key: &str,
+    ) -> Result<Option<BTreeMap<String, String>>, PipelineError> {
+        let (data_key, failures_key) = Self::cache_keys(key);
+        let complete = cache
+            .list("index")
+            .await?
+            .iter()
+            .any(|(k, _)| *k == data_key);
+        if !complete {
+            return Ok(None);
+        }
+        Ok(Some(match cache.get_opt(&failures_key).await? {
+            Some(f) => serde_json::from_slice(&f)?,
+            None => BTreeMap::new(),
+        }))
+    }
+
     /// Loads the cached index for this embedder and corpus, or builds and caches it.
     /// Returns the index and whether it was reused.
     pub async fn load_or_build(
@@ -203,10 +250,7 @@ impl CorpusIndex {
         mut on_progress: impl FnMut(usize, usize),
     ) -> Result<(Self, bool), PipelineError> {
         let key = Self::cache_key(&embedder.info().fingerprint, corpus);
-        let (data_key, failures_key) = (
-            format!("index/{key}.parquet"),
-            format!("index/{key}.failures.json"),
-        );
+        let (data_key, failures_key) = Self::cache_keys(&key);
         if let Some(data) = cache.get_opt(&data_key).await? {
             let failures = match cache.get_opt(&failures_key).await? {
                 Some(f) => serde_json::from_slice(&f)?,
@@ -248,6 +292,198 @@ impl CorpusIndex {
     }
 }
 
+/// One worker's part of a sharded index: the rows whose corpus position is
+/// `shard` modulo `n_shards`, plus the vectors of the targets this worker
+/// owns (to score them against its queries). Memory: (corpus / shards +
+/// owned targets) vectors.
+pub struct IndexShard {
+    pub shard: usize,
+    pub n_shards: usize,
+    pub dim: usize,
+    ids: Vec<String>,
+    /// Corpus position of each row (ties are broken by it, as in [`CorpusIndex`]).
+    positions: Vec<u64>,
+    vectors: Vec<f32>,
+    /// Owned targets: id -> (corpus position, vector).
+    owned: HashMap<String, (u64, Vec<f32>)>,
+}
+
+/// A shard's answer to one query.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct ShardHits {
+    /// The shard's best rows: (corpus position, score, id), best first.
+    pub top: Vec<(u64, f32, String)>,
+    /// Rows of this shard that rank above the target (score higher, or equal
+    /// and earlier in the corpus).
+    pub better: u64,
+}
+
+impl IndexShard {
+    /// Builds a shard from a whole index (tests and small corpora).
+    pub fn from_index(
+        index: &CorpusIndex,
+        shard: usize,
+        n_shards: usize,
+        owns: impl Fn(&str) -> bool,
+    ) -> Self {
+        let mut s = IndexShard::empty(shard, n_shards, index.dim);
+        for (pos, id) in index.ids.iter().enumerate() {
+            let v = &index.vectors[pos * index.dim..(pos + 1) * index.dim];
+            s.add(pos as u64, id, v, &owns);
+        }
+        s
+    }
+
+    /// A shard holding nothing.
+    pub fn empty(shard: usize, n_shards: usize, dim: usize) -> Self {
+        IndexShard {
+            shard,
+            n_shards: n_shards.max(1),
+            dim,
+            ids: vec![],
+            positions: vec![],
+            vectors: vec![],
+            owned: HashMap::new(),
+        }
+    }
+
+    fn add(&mut self, pos: u64, id: &str, v: &[f32], owns: &impl Fn(&str) -> bool) {
+        if pos % self.n_shards as u64 == self.shard as u64 {
+            self.ids.push(id.to_string());
+            self.positions.push(pos);
+            self.vectors.extend_from_slice(v);
+        }
+        if owns(id) {
+            self.owned.insert(id.to_string(), (pos, v.to_vec()));
+        }
+    }
+
+    /// Streams the cached index `key` from `cache` (through a local temporary
+    /// file, one row group at a time) keeping only this shard's rows and the
+    /// owned targets' vectors.
+    pub async fn load(
+        cache: &Location,
+        key: &str,
+        shard: usize,
+        n_shards: usize,
+        owns: impl Fn(&str) -> bool,
+    ) -> Result<Self, PipelineError> {
+        let (data_key, _) = CorpusIndex::cache_keys(key);
+        let mut file = tempfile::tempfile()
+            .map_err(|e| PipelineError::Input(format!("cannot create a temporary file: {e}")))?;
+        cache.get_to_file(&data_key, &mut file).await?;
+        let reader = ParquetRecordBatchReaderBuilder::try_new(file)?
+            .with_batch_size(INDEX_ROW_GROUP)
+            .build()?;
+        let mut s = IndexShard::empty(shard, n_shards, 0);
+        let mut pos = 0u64;
+        for batch in reader {
+            let batch = batch?;
+            let bad = || {
+                PipelineError::Input(format!(
+                    "cached corpus index {data_key} has an unexpected layout; delete it to rebuild"
+                ))
+            };
+            let id = batch
+                .column(0)
+                .as_any()
+                .downcast_ref::<StringArray>()
+                .ok_or_else(bad)?;
+            let vec = batch
+                .column(1)
+                .as_any()
+                .downcast_ref::<ListArray>()
+                .ok_or_else(bad)?;
+            for i in 0..batch.num_rows() {
+                let v = vec.value(i);
+                let v = v.as_any().downcast_ref::<Float32Array>().ok_or_else(bad)?;
+                s.dim = v.len();
+                s.add(pos, id.value(i), v.values(), &owns);
+                pos += 1;
+            }
+        }
+        Ok(s)
+    }
+
+    /// Rows held by this shard.
+    pub fn len(&self) -> usize {
+        self.ids.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.ids.is_empty()
+    }
+
+    /// Bytes of vectors held (shard rows and owned targets).
+    pub fn vector_bytes(&self) -> usize {
+        4 * (self.vectors.len() + self.owned.len() * self.dim)
+    }
+
+    /// Owned target vectors held.
+    pub fn owned_len(&self) -> usize {
+        self.owned.len()
+    }
+
+    /// Whether `id` is an owned, indexed target.
+    pub fn owns(&self, id: &str) -> bool {
+        self.owned.contains_key(id)
+    }
+
+    /// The target's (score under `query`, corpus position), for [`Self::search`] on every shard.
+    pub fn target_key(&self, id: &str, query: &[f32]) -> Option<(f32, u64)> {
+        self.owned.get(id).map(|(pos, v)| (dot(v, query), *pos))
+    }
+
+    /// This shard's best `top_k` rows and how many of its rows beat the target.
+    pub fn search(&self, query: &[f32], top_k: usize, target: Option<(f32, u64)>) -> ShardHits {
+        let scores: Vec<f32> = self
+            .vectors
+            .chunks_exact(self.dim.max(1))
+            .map(|row| dot(row, query))
+            .collect();
+        let better = |a: usize, b: usize| {
+            scores[b]
+                .total_cmp(&scores[a])
+                .then(self.positions[a].cmp(&self.positions[b]))
+        };
+        let mut order: Vec<usize> = (0..scores.len()).collect();
+        let k = top_k.min(order.len());
+        if k > 0 && k < order.len() {
+            order.select_nth_unstable_by(k - 1, |&a, &b| better(a, b));
+            order.truncate(k);
+        }
+        order.sort_by(|&a, &b| better(a, b));
+        order.truncate(k);
+        let beat = match target {
+            Some((ts, tp)) => scores
+                .iter()
+                .zip(&self.positions)
+                .filter(|&(&s, &p)| s > ts || (s == ts && p < tp))
+                .count() as u64,
+            None => 0,
+        };
+        ShardHits {
+            top: order
+                .iter()
+                .map(|&i| (self.positions[i], scores[i], self.ids[i].clone()))
+                .collect(),
+            better: beat,
+        }
+    }
+}
+
+/// Merges every shard's answer to one query into the replicated index's answer.
+pub fn merge_shard_hits(hits: &[ShardHits], top_k: usize, target_indexed: bool) -> SearchResult {
+    let mut all: Vec<&(u64, f32, String)> = hits.iter().flat_map(|h| &h.top).collect();
+    all.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+    all.truncate(top_k);
+    SearchResult {
+        ids: all.iter().map(|h| h.2.clone()).collect(),
+        scores: all.iter().map(|h| h.1).collect(),
+        target_rank: target_indexed.then(|| hits.iter().map(|h| h.better as i64).sum()),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -268,5 +504,37 @@ mod tests {
         let back = CorpusIndex::from_parquet(Bytes::from(bytes), BTreeMap::new()).unwrap();
         assert_eq!(back.vectors, idx.vectors);
         assert_eq!(back.ids, idx.ids);
+    }
+
+    #[test]
+    fn sharded_search_equals_replicated_search() {
+        // 50 vectors with deliberate ties; 1, 3 and 4 shards
+        let dim = 4;
+        let ids: Vec<String> = (0..50).map(|i| format!("img{i:02}")).collect();
+        let vectors: Vec<f32> = (0..50 * dim)
+            .map(|i| (((i * 7919) % 13) as f32 - 6.0) / 4.0)
+            .collect();
+        let idx = CorpusIndex::new(ids.clone(), dim, vectors, BTreeMap::new());
+        for n in [1, 3, 4] {
+            let shards: Vec<IndexShard> = (0..n)
+                .map(|s| IndexShard::from_index(&idx, s, n, |id| id == "img17" || id == "img33"))
+                .collect();
+            assert_eq!(shards.iter().map(IndexShard::len).sum::<usize>(), 50);
+            for q in 0..10 {
+                let query: Vec<f32> = (0..dim).map(|j| ((q * 3 + j) % 5) as f32 - 2.0).collect();
+                for target in ["img17", "img33"] {
+                    let owner = shards.iter().find(|s| s.owns(target)).unwrap();
+                    let key = owner.target_key(target, &query);
+                    let hits: Vec<ShardHits> =
+                        shards.iter().map(|s| s.search(&query, 10, key)).collect();
+                    let merged = merge_shard_hits(&hits, 10, key.is_some());
+                    assert_eq!(
+                        merged,
+                        idx.search(&query, 10, Some(target)),
+                        "{n} shards, query {q}"
+                    );
+                }
+            }
+        }
     }
 }

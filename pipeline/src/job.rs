@@ -9,7 +9,7 @@ use sha2::{Digest, Sha256};
 use crate::commit::{finalize, FinalizeInput, Output, STAGING};
 use crate::config::LoadedConfig;
 use crate::corpus::Corpus;
-use crate::dataflow::{self, JobShared};
+use crate::dataflow::{self, IndexPlan, JobShared, WorkerStats};
 use crate::index::CorpusIndex;
 use crate::progress::{Progress, ProgressMode};
 use crate::rounds::{Models, WaveContext};
@@ -26,6 +26,17 @@ pub struct RunOptions {
     pub process: usize,
     pub device: String,
     pub progress: ProgressMode,
+    pub index: IndexMode,
+    /// `IndexMode::Auto` shards indexes larger than this.
+    pub index_memory_mb: u64,
+}
+
+/// Where the corpus index lives during a run (see `mirgen run --help`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum IndexMode {
+    Auto,
+    Replicated,
+    Sharded,
 }
 
 /// What a run did.
@@ -118,41 +129,62 @@ pub fn run(cfg: LoadedConfig, opts: RunOptions) -> Result<RunOutcome, PipelineEr
     };
     let (device, _) = mirgen_workers::device::select(&opts.device, 0);
     let mut embedder_models = Models::build(&cfg.config, &device)?;
-    let index_progress = Progress::new(opts.progress, "indexing corpus", corpus.ids.len(), 1);
-    let mut last = 0;
-    let (index, reused) = runtime.block_on(CorpusIndex::load_or_build(
-        &staging,
-        &corpus,
-        embedder_models.embedder.as_mut(),
-        cfg.config.batch.index_batch,
-        |done, _| {
-            index_progress.inc(done - last, "indexing corpus");
-            last = done;
-        },
-    ))?;
-    index_progress.finish();
     let models_description = embedder_models.describe();
+    let key = CorpusIndex::cache_key(&embedder_models.embedder.info().fingerprint, &corpus);
+    let estimated_mb = (corpus.ids.len() * embedder_models.embedder.dim() * 4) as u64 >> 20;
+    let sharded = match opts.index {
+        IndexMode::Sharded => true,
+        IndexMode::Replicated => false,
+        IndexMode::Auto => estimated_mb > opts.index_memory_mb,
+    };
+    let cached = runtime.block_on(CorpusIndex::cached_failures(&staging, &key))?;
+    let (index, corpus_failures, reused) = match cached {
+        // a sharded run never loads the whole cached index into one process
+        Some(failures) if sharded => (None, failures, true),
+        _ => {
+            let index_progress =
+                Progress::new(opts.progress, "indexing corpus", corpus.ids.len(), 1);
+            let mut last = 0;
+            let (index, reused) = runtime.block_on(CorpusIndex::load_or_build(
+                &staging,
+                &corpus,
+                embedder_models.embedder.as_mut(),
+                cfg.config.batch.index_batch,
+                |done, _| {
+                    index_progress.inc(done - last, "indexing corpus");
+                    last = done;
+                },
+            ))?;
+            index_progress.finish();
+            let failures = index.failures.clone();
+            ((!sharded).then_some(index), failures, reused)
+        }
+    };
     drop(embedder_models);
+    let indexed = corpus.ids.len() - corpus_failures.len();
     eprintln!(
-        "corpus index: {} images indexed{}{}",
-        index.len(),
+        "corpus index: {indexed} images indexed{}{}; {}",
         if reused { " (reused from cache)" } else { "" },
-        if index.failures.is_empty() {
+        if corpus_failures.is_empty() {
             String::new()
         } else {
-            format!(", {} could not be read:", index.failures.len())
+            format!(", {} could not be read", corpus_failures.len())
+        },
+        if sharded {
+            "sharded over the workers"
+        } else {
+            "replicated on every worker"
         }
     );
-    for (id, reason) in &index.failures {
+    for (id, reason) in &corpus_failures {
         eprintln!("  skipped corpus image {id}: {reason}");
     }
-    let corpus_failures = index.failures.clone();
 
     let shared = Arc::new(JobShared {
         ctx: WaveContext {
             config: cfg.config.clone(),
             corpus_root: corpus.root.clone(),
-            index: Arc::new(index),
+            index: index.map(Arc::new),
             runtime: runtime.clone(),
         },
         output,
@@ -163,11 +195,26 @@ pub fn run(cfg: LoadedConfig, opts: RunOptions) -> Result<RunOutcome, PipelineEr
         progress: Progress::new(opts.progress, "targets", todo, rounds_per_target),
         errors: Mutex::new(vec![]),
         models: Mutex::new(None),
+        index_plan: if sharded {
+            IndexPlan::Sharded {
+                cache: staging.clone(),
+                key,
+            }
+        } else {
+            IndexPlan::Replicated
+        },
+        process: opts.process,
+        worker_stats: Mutex::new(vec![]),
     });
     if todo > 0 {
         dataflow::run(shared.clone(), opts.timely_args.clone()).map_err(PipelineError::Dataflow)?;
     }
     shared.progress.finish();
+    report_worker_stats(
+        &runtime,
+        &staging,
+        &shared.worker_stats.lock().expect("lock"),
+    );
     let errors = shared.errors.lock().expect("lock").clone();
     if !errors.is_empty() {
         return Err(PipelineError::Incomplete(errors.join("\n")));
@@ -216,4 +263,42 @@ pub fn run(cfg: LoadedConfig, opts: RunOptions) -> Result<RunOutcome, PipelineEr
         manifest,
         new_targets: todo,
     })
+}
+
+/// Writes each worker's stats to `.mirgen/stats/` (one file per worker and
+/// attempt, so resumed runs keep their history) and prints a summary.
+fn report_worker_stats(
+    runtime: &tokio::runtime::Runtime,
+    staging: &Location,
+    stats: &[WorkerStats],
+) {
+    if stats.is_empty() {
+        return;
+    }
+    let attempt = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let mut sorted: Vec<&WorkerStats> = stats.iter().collect();
+    sorted.sort_by_key(|s| s.worker);
+    eprintln!("worker  targets  rows  failed  waves  load_s  vlm_s  gen_s  embed_s  search_s  encode_s  commit_s  wall_s  index_MiB");
+    for s in &sorted {
+        let t = &s.seconds;
+        eprintln!(
+            "{:>6}  {:>7}  {:>4}  {:>6}  {:>5}  {:>6.1}  {:>5.1}  {:>5.1}  {:>7.1}  {:>8.1}  {:>8.1}  {:>8.1}  {:>6.1}  {:>9.1}",
+            s.worker, s.targets, s.rows, s.failed_rows, s.waves, t.load, t.vlm, t.generate, t.embed,
+            t.search, t.encode, s.commit_seconds, s.wall_seconds, s.index_bytes as f64 / (1 << 20) as f64
+        );
+        let key = format!("stats/{attempt}-p{:03}-w{:04}.json", s.process, s.worker);
+        let written = serde_json::to_vec_pretty(s)
+            .map_err(|e| e.to_string())
+            .and_then(|b| {
+                runtime
+                    .block_on(staging.put(&key, b))
+                    .map_err(|e| e.to_string())
+            });
+        if let Err(e) = written {
+            eprintln!("warning: could not write worker stats {key}: {e}");
+        }
+    }
 }

@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use clap::{ArgAction, Args, Parser, Subcommand};
 use mirgen::config::LoadedConfig;
-use mirgen::job::{self, RunOptions, RunOutcome};
+use mirgen::job::{self, IndexMode, RunOptions, RunOutcome};
 use mirgen::progress::ProgressMode;
 
 /// mirgen builds multi-round Mental Image Retrieval (MIR) datasets, GenIR-style:
@@ -329,6 +329,15 @@ struct RunArgs {
     /// Progress display.
     #[arg(long, value_enum, default_value_t = ProgressMode::Auto)]
     progress: ProgressMode,
+    /// Corpus index placement: `replicated` (every worker holds the whole
+    /// index), `sharded` (worker i holds every n-th vector; queries go to all
+    /// shards and the owner merges their top-K: same results, 1/n memory), or
+    /// `auto` (sharded when the index exceeds --index-memory-mb).
+    #[arg(long, value_enum, default_value_t = IndexMode::Auto)]
+    index: IndexMode,
+    /// Index size above which `--index auto` shards it.
+    #[arg(long, default_value_t = 2048, value_name = "MB")]
+    index_memory_mb: u64,
     /// Print help (`-h` is timely's hostfile flag).
     #[arg(long, action = ArgAction::Help)]
     help: Option<bool>,
@@ -362,6 +371,8 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
             output: output.clone(),
             timely_args,
             process: args.process,
+            index: args.index,
+            index_memory_mb: args.index_memory_mb,
             device: args.device,
             progress: args.progress,
         },

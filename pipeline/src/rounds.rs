@@ -28,7 +28,7 @@ use mirgen_workers::{
 };
 
 use crate::config::{Config, Mode};
-use crate::index::CorpusIndex;
+use crate::index::{CorpusIndex, SearchResult};
 use crate::store::Location;
 
 /// The three roles, owned by one worker.
@@ -75,7 +75,8 @@ impl Models {
 pub struct WaveContext {
     pub config: Config,
     pub corpus_root: Location,
-    pub index: Arc<CorpusIndex>,
+    /// The whole corpus index (replicated mode); `None` when workers hold shards.
+    pub index: Option<Arc<CorpusIndex>>,
     pub runtime: Arc<tokio::runtime::Runtime>,
 }
 
@@ -144,69 +145,155 @@ pub fn call_seed(run_seed: u64, id: &str, stage: &str, round: i32) -> u64 {
     derive_seed(run_seed, &[id, stage, &round.to_string()])
 }
 
-/// Makes every row of a wave: `(rounds + 1) * ids.len()` records, in (target, round) order.
-pub fn run_wave(models: &mut Models, ctx: &WaveContext, ids: &[String]) -> Vec<Record> {
-    let cfg = &ctx.config;
-    let last_round = cfg.run.rounds as i32;
-    let seed = cfg.run.seed;
-    let mut items: Vec<Item> = ids
-        .iter()
-        .map(|id| {
-            let mut item = Item { id: id.clone(), target_cell: None, target: None, query: None, feedback: None, failed: None, rows: vec![], pending_vlm_ms: 0.0 };
-            let loaded = ctx
-                .runtime
-                .block_on(ctx.corpus_root.get(id))
-                .map_err(|e| format!("cannot read target {id}: {e}"))
-                .and_then(|bytes| {
-                    let img = decode_rgb(id, &bytes).map_err(|e| format!("target image: {e}"))?;
-                    Ok((bytes, img))
-                });
-            match loaded {
-                Ok((bytes, img)) => {
-                    item.target_cell = Some(ImageCell { bytes: bytes.to_vec(), path: file_name(id).to_string() });
-                    item.target = Some(Arc::new(img));
-                    if !ctx.index.contains(id) {
-                        item.failed = Some((0, format!("target {id} is not in the corpus index, so it cannot be ranked (is it listed in the corpus?)")));
+/// Seconds spent per stage (summed over items' shares), for per-worker stats.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct StageSeconds {
+    pub load: f64,
+    pub vlm: f64,
+    pub generate: f64,
+    pub embed: f64,
+    pub search: f64,
+    pub encode: f64,
+}
+
+impl StageSeconds {
+    pub fn add(&mut self, other: &StageSeconds) {
+        self.load += other.load;
+        self.vlm += other.vlm;
+        self.generate += other.generate;
+        self.embed += other.embed;
+        self.search += other.search;
+        self.encode += other.encode;
+    }
+}
+
+/// A live item's retrieval query for the current round.
+struct Pending {
+    item: usize,
+    /// The drawing (genir mode).
+    image: Option<Arc<RgbImage>>,
+    vector: Vec<f32>,
+    gen_ms: f32,
+    embed_ms: f32,
+}
+
+/// A wave of targets moving through the round loop. After drawing and
+/// embedding a round it waits for that round's search results
+/// ([`Wave::queries`] / [`Wave::resume`]), so the search can run elsewhere
+/// (the shards of a distributed index) while the worker does other work.
+pub struct Wave {
+    items: Vec<Item>,
+    round: i32,
+    last_round: i32,
+    pending: Vec<Pending>,
+    issued: Instant,
+    done: bool,
+    seed: u64,
+    pub seconds: StageSeconds,
+}
+
+impl Wave {
+    /// Loads the targets, captions them (round 0 query) and draws and embeds
+    /// round 0. `indexed` says whether a target is in the corpus index.
+    pub fn start(
+        models: &mut Models,
+        ctx: &WaveContext,
+        ids: &[String],
+        indexed: &dyn Fn(&str) -> bool,
+    ) -> Wave {
+        let t = Instant::now();
+        let items: Vec<Item> = ids
+            .iter()
+            .map(|id| {
+                let mut item = Item { id: id.clone(), target_cell: None, target: None, query: None, feedback: None, failed: None, rows: vec![], pending_vlm_ms: 0.0 };
+                let loaded = ctx
+                    .runtime
+                    .block_on(ctx.corpus_root.get(id))
+                    .map_err(|e| format!("cannot read target {id}: {e}"))
+                    .and_then(|bytes| {
+                        let img = decode_rgb(id, &bytes).map_err(|e| format!("target image: {e}"))?;
+                        Ok((bytes, img))
+                    });
+                match loaded {
+                    Ok((bytes, img)) => {
+                        item.target_cell = Some(ImageCell { bytes: bytes.to_vec(), path: file_name(id).to_string() });
+                        item.target = Some(Arc::new(img));
+                        if !indexed(id) {
+                            item.failed = Some((0, format!("target {id} is not in the corpus index, so it cannot be ranked (is it listed in the corpus?)")));
+                        }
                     }
+                    Err(e) => item.failed = Some((0, e)),
                 }
-                Err(e) => item.failed = Some((0, e)),
-            }
-            item
-        })
-        .collect();
-
-    let live = |items: &[Item]| -> Vec<usize> {
-        (0..items.len())
-            .filter(|&i| items[i].failed.is_none())
-            .collect()
-    };
-
-    // round 0 query: caption the target
-    let idx = live(&items);
-    let reqs = models.writer.caption_requests(
-        &idx.iter()
-            .map(|&i| {
-                (
-                    items[i].target.clone().expect("live items have targets"),
-                    call_seed(seed, &items[i].id, "caption", 0),
-                )
+                item
             })
-            .collect::<Vec<_>>(),
-    );
-    let t = Instant::now();
-    let out = call_isolated(&reqs, &mut |b| models.writer.run(b));
-    let per = t.elapsed().as_secs_f32() * 1000.0 / idx.len().max(1) as f32;
-    for (&i, o) in idx.iter().zip(out) {
-        items[i].pending_vlm_ms = per;
-        match o {
-            Ok(o) => items[i].query = Some(o.text),
-            Err(e) => items[i].failed = Some((0, format!("round 0 caption: {e}"))),
+            .collect();
+        let mut wave = Wave {
+            items,
+            round: 0,
+            last_round: ctx.config.run.rounds as i32,
+            pending: vec![],
+            issued: Instant::now(),
+            done: false,
+            seed: ctx.config.run.seed,
+            seconds: StageSeconds::default(),
+        };
+        wave.seconds.load = t.elapsed().as_secs_f64();
+
+        // round 0 query: caption the target
+        let seed = ctx.config.run.seed;
+        let idx = wave.live();
+        let reqs = models.writer.caption_requests(
+            &idx.iter()
+                .map(|&i| {
+                    let item = &wave.items[i];
+                    (
+                        item.target.clone().expect("live items have targets"),
+                        call_seed(seed, &item.id, "caption", 0),
+                    )
+                })
+                .collect::<Vec<_>>(),
+        );
+        let t = Instant::now();
+        let out = call_isolated(&reqs, &mut |b| models.writer.run(b));
+        wave.seconds.vlm += t.elapsed().as_secs_f64();
+        let per = t.elapsed().as_secs_f32() * 1000.0 / idx.len().max(1) as f32;
+        for (&i, o) in idx.iter().zip(out) {
+            let item = &mut wave.items[i];
+            item.pending_vlm_ms = per;
+            match o {
+                Ok(o) => item.query = Some(o.text),
+                Err(e) => item.failed = Some((0, format!("round 0 caption: {e}"))),
+            }
         }
+        wave.draw_and_embed(models, ctx);
+        wave
     }
 
-    for round in 0..=last_round {
-        let idx = live(&items);
-        // The retrieval vector of each live item and, in genir mode, its drawing.
+    fn live(&self) -> Vec<usize> {
+        (0..self.items.len())
+            .filter(|&i| self.items[i].failed.is_none())
+            .collect()
+    }
+
+    /// True when every round of every target is made (or failed).
+    pub fn is_done(&self) -> bool {
+        self.done
+    }
+
+    /// The searches this wave waits for: (target id, query vector), in the
+    /// order [`Wave::resume`] expects their results.
+    pub fn queries(&self) -> impl Iterator<Item = (&str, &[f32])> {
+        self.pending
+            .iter()
+            .map(|p| (self.items[p.item].id.as_str(), p.vector.as_slice()))
+    }
+
+    /// Makes the current round's query vectors: draws each live item's query
+    /// and embeds the drawing (genir), or embeds the query text (baselines).
+    fn draw_and_embed(&mut self, models: &mut Models, ctx: &WaveContext) {
+        let cfg = &ctx.config;
+        let (round, seed) = (self.round, cfg.run.seed);
+        let idx = self.live();
         let mut gen_ms = 0.0;
         let embedded: Vec<Embedded>;
         let t = Instant::now();
@@ -215,19 +302,21 @@ pub fn run_wave(models: &mut Models, ctx: &WaveContext, ids: &[String]) -> Vec<R
                 let reqs: Vec<GenerateRequest> = idx
                     .iter()
                     .map(|&i| GenerateRequest {
-                        prompt: items[i].query.clone().unwrap_or_default(),
-                        seed: call_seed(seed, &items[i].id, "generate", round),
+                        prompt: self.items[i].query.clone().unwrap_or_default(),
+                        seed: call_seed(seed, &self.items[i].id, "generate", round),
                         init_latents: None,
                     })
                     .collect();
                 let out = call_isolated(&reqs, &mut |b| models.generator.generate(b));
+                self.seconds.generate += t.elapsed().as_secs_f64();
                 gen_ms = t.elapsed().as_secs_f32() * 1000.0 / idx.len().max(1) as f32;
                 let mut drawn: Vec<(usize, Arc<RgbImage>)> = Vec::new();
                 for (&i, o) in idx.iter().zip(out) {
                     match o {
                         Ok(img) => drawn.push((i, Arc::new(img))),
                         Err(e) => {
-                            items[i].failed = Some((round, format!("round {round} generate: {e}")))
+                            self.items[i].failed =
+                                Some((round, format!("round {round} generate: {e}")))
                         }
                     }
                 }
@@ -243,7 +332,7 @@ pub fn run_wave(models: &mut Models, ctx: &WaveContext, ids: &[String]) -> Vec<R
                 // no drawing: the query text itself is the retrieval query
                 let texts: Vec<String> = idx
                     .iter()
-                    .map(|&i| items[i].query.clone().unwrap_or_default())
+                    .map(|&i| self.items[i].query.clone().unwrap_or_default())
                     .collect();
                 let out = call_isolated(&texts, &mut |b| models.embedder.embed_texts(b));
                 embedded = idx
@@ -254,23 +343,48 @@ pub fn run_wave(models: &mut Models, ctx: &WaveContext, ids: &[String]) -> Vec<R
                     .collect();
             }
         }
-        let embed_ms = (t.elapsed().as_secs_f32() * 1000.0 - gen_ms * idx.len() as f32).max(0.0)
-            / idx.len().max(1) as f32;
+        let total_ms = t.elapsed().as_secs_f32() * 1000.0;
+        let embed_ms = (total_ms - gen_ms * idx.len() as f32).max(0.0) / idx.len().max(1) as f32;
+        self.seconds.embed += (embed_ms * idx.len() as f32 / 1000.0) as f64;
+        self.pending.clear();
+        for (i, image, vector) in embedded {
+            match vector {
+                Ok(vector) => self.pending.push(Pending {
+                    item: i,
+                    image,
+                    vector,
+                    gen_ms,
+                    embed_ms,
+                }),
+                Err(e) => self.items[i].failed = Some((round, format!("round {round} embed: {e}"))),
+            }
+        }
+        self.issued = Instant::now();
+        if self.pending.is_empty() {
+            self.done = true;
+        }
+    }
+
+    /// Takes the current round's search results (one per query, in order),
+    /// writes the round's rows, and unless it was the last round compares,
+    /// refines, and draws and embeds the next round.
+    pub fn resume(&mut self, models: &mut Models, ctx: &WaveContext, results: Vec<SearchResult>) {
+        assert_eq!(
+            results.len(),
+            self.pending.len(),
+            "one search result per query"
+        );
+        let cfg = &ctx.config;
+        let (round, seed) = (self.round, cfg.run.seed);
+        let search_s = self.issued.elapsed().as_secs_f64();
+        self.seconds.search += search_s;
+        let search_ms = (search_s * 1000.0 / self.pending.len().max(1) as f64) as f32;
         // (item, image shown to the VLM next to the target)
         let mut synthetic: Vec<(usize, Option<Arc<RgbImage>>)> = Vec::new();
-        for (i, img, vector) in embedded {
-            let item = &mut items[i];
-            let vector = match vector {
-                Ok(v) => v,
-                Err(e) => {
-                    item.failed = Some((round, format!("round {round} embed: {e}")));
-                    continue;
-                }
-            };
-            let t = Instant::now();
-            let found = ctx.index.search(&vector, cfg.run.top_k, Some(&item.id));
-            let search_ms = t.elapsed().as_secs_f32() * 1000.0;
-            let cell = match &img {
+        let t = Instant::now();
+        for (p, found) in std::mem::take(&mut self.pending).into_iter().zip(results) {
+            let item = &mut self.items[p.item];
+            let cell = match &p.image {
                 Some(img) => match encode(img, cfg.output.image_format, cfg.output.jpeg_quality) {
                     Ok(bytes) => {
                         let ext = cfg.output.image_format.extension();
@@ -290,7 +404,7 @@ pub fn run_wave(models: &mut Models, ctx: &WaveContext, ids: &[String]) -> Vec<R
             };
             // prediction feedback shows the top-1 retrieved real image
             let shown = match cfg.run.mode {
-                Mode::Genir => img,
+                Mode::Genir => p.image,
                 Mode::Verbal => None,
                 Mode::Prediction => match found.ids.first() {
                     Some(top) => {
@@ -329,17 +443,33 @@ pub fn run_wave(models: &mut Models, ctx: &WaveContext, ids: &[String]) -> Vec<R
                 seed: call_seed(seed, &item.id, "generate", round),
                 timings: StageTimings {
                     vlm_ms: item.pending_vlm_ms,
-                    generate_ms: gen_ms,
-                    embed_ms,
+                    generate_ms: p.gen_ms,
+                    embed_ms: p.embed_ms,
                     search_ms,
                 },
             });
-            synthetic.push((i, shown));
+            synthetic.push((p.item, shown));
         }
-        if round == last_round {
-            break;
+        self.seconds.encode += t.elapsed().as_secs_f64();
+        if round == self.last_round || synthetic.is_empty() {
+            self.done = true;
+            return;
         }
-        // compare target and feedback image (or critique the caption), then refine
+        self.compare_and_refine(models, ctx, synthetic);
+        self.round += 1;
+        self.draw_and_embed(models, ctx);
+    }
+
+    /// Compares target and feedback image (or critiques the caption), then refines.
+    fn compare_and_refine(
+        &mut self,
+        models: &mut Models,
+        ctx: &WaveContext,
+        synthetic: Vec<(usize, Option<Arc<RgbImage>>)>,
+    ) {
+        let cfg = &ctx.config;
+        let (round, seed) = (self.round, cfg.run.seed);
+        let items = &mut self.items;
         let t = Instant::now();
         let reqs = match cfg.run.mode {
             Mode::Verbal => models.writer.critique_requests(
@@ -388,6 +518,7 @@ pub fn run_wave(models: &mut Models, ctx: &WaveContext, ids: &[String]) -> Vec<R
             .collect();
         let reqs = models.writer.refine_requests(&refine);
         let out = call_isolated(&reqs, &mut |b| models.writer.run(b));
+        self.seconds.vlm += t.elapsed().as_secs_f64();
         let per = t.elapsed().as_secs_f32() * 1000.0 / synthetic.len().max(1) as f32;
         for ((i, fb), o) in to_refine.into_iter().zip(out) {
             let item = &mut items[i];
@@ -402,28 +533,53 @@ pub fn run_wave(models: &mut Models, ctx: &WaveContext, ids: &[String]) -> Vec<R
         }
     }
 
-    let mut records = Vec::with_capacity(items.len() * (last_round as usize + 1));
-    for mut item in items {
-        if let Some((at, reason)) = &item.failed {
-            for round in item.rows.len() as i32..=last_round {
-                let error = if round == *at {
-                    reason.clone()
-                } else {
-                    format!("not run: the target failed at round {at} ({reason})")
-                };
-                let mut row = Record::failed(
-                    &item.id,
-                    round,
-                    call_seed(seed, &item.id, "generate", round),
-                    error,
-                );
-                row.target_image = item.target_cell.clone();
-                item.rows.push(row);
+    /// Every row of the wave: `(rounds + 1)` per target in (target, round)
+    /// order, with `failed` rows for rounds a failed target could not make.
+    pub fn into_records(self) -> Vec<Record> {
+        let last_round = self.last_round;
+        let mut records = Vec::with_capacity(self.items.len() * (last_round as usize + 1));
+        for mut item in self.items {
+            if let Some((at, reason)) = &item.failed {
+                for round in item.rows.len() as i32..=last_round {
+                    let error = if round == *at {
+                        reason.clone()
+                    } else {
+                        format!("not run: the target failed at round {at} ({reason})")
+                    };
+                    let mut row = Record::failed(
+                        &item.id,
+                        round,
+                        call_seed(self.seed, &item.id, "generate", round),
+                        error,
+                    );
+                    row.target_image = item.target_cell.clone();
+                    item.rows.push(row);
+                }
             }
+            records.extend(item.rows);
         }
-        records.extend(item.rows);
+        records
     }
-    records
+}
+
+/// Makes every row of a wave against a whole (replicated) index:
+/// `(rounds + 1) * ids.len()` records, in (target, round) order.
+pub fn run_wave(
+    models: &mut Models,
+    ctx: &WaveContext,
+    index: &CorpusIndex,
+    ids: &[String],
+) -> (Vec<Record>, StageSeconds) {
+    let mut wave = Wave::start(models, ctx, ids, &|id| index.contains(id));
+    while !wave.is_done() {
+        let results = wave
+            .queries()
+            .map(|(target, v)| index.search(v, ctx.config.run.top_k, Some(target)))
+            .collect();
+        wave.resume(models, ctx, results);
+    }
+    let seconds = wave.seconds.clone();
+    (wave.into_records(), seconds)
 }
 
 #[cfg(test)]

@@ -113,6 +113,24 @@ impl Location {
         r.bytes().await.map_err(|e| self.err(key, e))
     }
 
+    /// Streams an object into a local file (memory stays at one chunk).
+    pub async fn get_to_file(&self, key: &str, file: &mut std::fs::File) -> Result<(), StoreError> {
+        use std::io::Write;
+        let r = self
+            .store
+            .get(&self.path(key))
+            .await
+            .map_err(|e| self.err(key, e))?;
+        let mut stream = r.into_stream();
+        while let Some(chunk) = stream.try_next().await.map_err(|e| self.err(key, e))? {
+            file.write_all(&chunk).map_err(|e| StoreError::Open {
+                location: format!("{}/{}", self.display.trim_end_matches('/'), key),
+                message: format!("cannot write a local copy: {e}"),
+            })?;
+        }
+        Ok(())
+    }
+
     /// `Ok(None)` when the object does not exist.
     pub async fn get_opt(&self, key: &str) -> Result<Option<Bytes>, StoreError> {
         match self.get(key).await {
