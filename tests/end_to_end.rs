@@ -87,6 +87,10 @@ fn try_run_job_indexed(
             progress: ProgressMode::None,
             index,
             index_memory_mb: 2048,
+            stalls: mirgen::watchdog::StallLimits {
+                warn_after: Duration::from_secs(600),
+                abort_after: None,
+            },
         },
     )
 }
@@ -931,6 +935,71 @@ fn s3_output_survives_a_server_restart_without_leaking_credentials() {
                     p.display()
                 );
             }
+        }
+    }
+}
+
+/// A model call that never returns: the watchdog stops the process (exit 4)
+/// instead of hanging, later attempts isolate the stalled wave's targets,
+/// and the target that stalls alone twice gets failed rows while the others
+/// complete.
+#[test]
+fn a_stalled_model_call_stops_the_process_and_the_culprit_is_isolated_then_failed() {
+    let tmp = tempfile::tempdir().unwrap();
+    let corpus = tmp.path().join("corpus");
+    make_corpus(&corpus, 4);
+    let config = write_config(tmp.path(), &corpus, 1, "");
+    let out = tmp.path().join("out");
+    let culprit = "img02.png";
+    let attempt = || {
+        let o = Command::new(env!("CARGO_BIN_EXE_mirgen"))
+            .args([
+                "run",
+                "--progress",
+                "none",
+                "--stall-warn",
+                "1",
+                "--stall-timeout",
+                "3",
+                "--config",
+            ])
+            .arg(&config)
+            .arg("--output")
+            .arg(&out)
+            .env("MIRGEN_TEST_STALL", culprit)
+            .output()
+            .unwrap();
+        (
+            o.status.code(),
+            String::from_utf8_lossy(&o.stderr).to_string(),
+        )
+    };
+    // 1: the first wave (3 targets with the culprit) stalls in its caption call
+    let (code, log) = attempt();
+    assert_eq!(code, Some(4), "{log}");
+    assert!(log.contains("has been in stage `caption`"), "{log}");
+    assert!(
+        log.contains("stalled in stage `caption`") && log.contains(culprit),
+        "{log}"
+    );
+    // 2 and 3: its targets run alone; the culprit stalls alone (twice)
+    for _ in 0..2 {
+        let (code, log) = attempt();
+        assert_eq!(code, Some(4), "{log}");
+        assert!(log.contains("run one at a time"), "{log}");
+    }
+    // 4: the culprit is given up on; everything else completes
+    let (code, log) = attempt();
+    assert_eq!(code, Some(0), "{log}");
+    let (_, rows) = read_dataset(&out);
+    assert_each_target_round_once(&rows, 4, 1);
+    for r in &rows {
+        if r.target_id == culprit {
+            assert_eq!(r.status, RecordStatus::Failed);
+            let e = r.error.as_deref().unwrap_or_default();
+            assert!(e.contains("stalled"), "{e}");
+        } else {
+            assert_eq!(r.status, RecordStatus::Ok, "{:?}", r.error);
         }
     }
 }

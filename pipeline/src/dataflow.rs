@@ -40,6 +40,24 @@ use crate::progress::Progress;
 use crate::rounds::{run_wave, Models, StageSeconds, Wave, WaveContext};
 use crate::store::Location;
 
+/// Extra attempts at committing a wave after a storage error.
+const COMMIT_RETRIES: u32 = 3;
+
+/// Takes the next wave from a worker's queue: up to `window` targets in id
+/// order, except that a target of an earlier stalled wave runs alone.
+fn next_wave(
+    queue: &mut Vec<String>,
+    window: usize,
+    isolate: &std::collections::BTreeSet<String>,
+) -> Vec<String> {
+    queue.sort();
+    if let Some(i) = queue.iter().position(|id| isolate.contains(id)) {
+        return vec![queue.remove(i)];
+    }
+    let take = queue.len().min(window);
+    queue.drain(..take).collect()
+}
+
 /// How workers reach the corpus index.
 #[derive(Clone, Debug)]
 pub enum IndexPlan {
@@ -130,12 +148,29 @@ impl JobShared {
         let t = Instant::now();
         let targets: std::collections::BTreeSet<&str> =
             records.iter().map(|r| r.target_id.as_str()).collect();
-        let committed = self.ctx.runtime.block_on(self.output.commit_part(
-            &self.config_hash,
-            worker,
-            records,
-            self.ctx.config.output.row_group_rows,
-        ));
+        let ids: Vec<String> = targets.iter().map(|t| t.to_string()).collect();
+        self.ctx.heartbeats.enter(worker, "commit", &ids);
+        // storage hiccups (a restarting S3 endpoint, throttling) get retried
+        // with backoff on top of object_store's own retries
+        let mut attempt = 0;
+        let committed = loop {
+            let r = self.ctx.runtime.block_on(self.output.commit_part(
+                &self.config_hash,
+                worker,
+                records,
+                self.ctx.config.output.row_group_rows,
+            ));
+            match r {
+                Err(e) if attempt < COMMIT_RETRIES => {
+                    attempt += 1;
+                    let wait = std::time::Duration::from_secs(1 << attempt);
+                    eprintln!("worker {worker}: commit failed ({e}); retry {attempt}/{COMMIT_RETRIES} in {wait:?}");
+                    std::thread::sleep(wait);
+                }
+                r => break r,
+            }
+        };
+        self.ctx.heartbeats.idle(worker);
         stats.commit_seconds += t.elapsed().as_secs_f64();
         match committed {
             Ok(_) => {
@@ -255,12 +290,10 @@ pub fn run(shared: Arc<JobShared>, timely_args: Vec<String>) -> Result<(), Strin
                             });
                             let input_done = frontier.is_empty();
                             if queue.len() >= window || (input_done && !queue.is_empty()) {
-                                queue.sort();
-                                let take = queue.len().min(window);
-                                let wave: Vec<String> = queue.drain(..take).collect();
+                                let wave = next_wave(&mut queue, window, &shared.ctx.stalls.isolate);
                                 match (models.as_mut(), shared.ctx.index.as_ref()) {
                                     (Some(models), Some(ix)) => {
-                                        let (records, seconds) = run_wave(models, &shared.ctx, ix, &wave);
+                                        let (records, seconds) = run_wave(models, &shared.ctx, index, ix, &wave);
                                         let mut st = op_stats.borrow_mut();
                                         st.seconds.add(&seconds);
                                         shared.commit_wave(index, &records, &mut st);
@@ -302,7 +335,7 @@ pub fn run(shared: Arc<JobShared>, timely_args: Vec<String>) -> Result<(), Strin
                         let mut queue: Vec<String> = Vec::new();
                         // wave id -> (wave, hits per query slot, replies received)
                         let mut waves: BTreeMap<u64, (Wave, Vec<Vec<ShardHits>>, usize)> = BTreeMap::new();
-                        let mut next_wave = 0u64;
+                        let mut wave_seq = 0u64;
                         let shard = owner_shard;
                         move |(input, frontier), (replies, _), output| {
                             input.for_each(|_time, data| {
@@ -345,13 +378,11 @@ pub fn run(shared: Arc<JobShared>, timely_args: Vec<String>) -> Result<(), Strin
                                 }
                                 Some((id, wave))
                             } else if can_start(&waves, &queue) {
-                                queue.sort();
-                                let take = queue.len().min(window);
-                                let ids: Vec<String> = queue.drain(..take).collect();
+                                let ids = next_wave(&mut queue, window, &shared.ctx.stalls.isolate);
                                 match models.as_mut() {
                                     Some(models) => {
-                                        next_wave += 1;
-                                        Some((next_wave, Wave::start(models, &shared.ctx, &ids, &|id| shard.owns(id))))
+                                        wave_seq += 1;
+                                        Some((wave_seq, Wave::start(models, &shared.ctx, index, &ids, &|id| shard.owns(id))))
                                     }
                                     None => {
                                         shared.error(format!(

@@ -14,6 +14,7 @@ use crate::index::CorpusIndex;
 use crate::progress::{Progress, ProgressMode};
 use crate::rounds::{Models, WaveContext};
 use crate::store::Location;
+use crate::watchdog::{Heartbeats, StallHistory, StallLimits, Watchdog};
 use crate::PipelineError;
 
 /// How the process runs (CLI flags, not config).
@@ -29,6 +30,8 @@ pub struct RunOptions {
     pub index: IndexMode,
     /// `IndexMode::Auto` shards indexes larger than this.
     pub index_memory_mb: u64,
+    /// Watchdog limits for a stage that does not finish.
+    pub stalls: StallLimits,
 }
 
 /// Where the corpus index lives during a run (see `mirgen run --help`).
@@ -180,12 +183,36 @@ pub fn run(cfg: LoadedConfig, opts: RunOptions) -> Result<RunOutcome, PipelineEr
         eprintln!("  skipped corpus image {id}: {reason}");
     }
 
+    let stalls = runtime.block_on(StallHistory::load(&staging))?;
+    if !stalls.isolate.is_empty() {
+        eprintln!(
+            "{} target(s) of earlier stalled waves run one at a time{}",
+            stalls.isolate.len(),
+            if stalls.give_up.is_empty() {
+                String::new()
+            } else {
+                format!(
+                    "; {} stalled alone twice and get failed rows",
+                    stalls.give_up.len()
+                )
+            }
+        );
+    }
+    let heartbeats = Arc::new(Heartbeats::default());
+    let _watchdog = Watchdog::start(
+        heartbeats.clone(),
+        opts.stalls,
+        staging.clone(),
+        runtime.clone(),
+    );
     let shared = Arc::new(JobShared {
         ctx: WaveContext {
             config: cfg.config.clone(),
             corpus_root: corpus.root.clone(),
             index: index.map(Arc::new),
             runtime: runtime.clone(),
+            heartbeats,
+            stalls,
         },
         output,
         config_hash: hash.clone(),

@@ -16,6 +16,7 @@ pub mod report;
 pub mod rescore;
 pub mod rounds;
 pub mod store;
+pub mod watchdog;
 
 /// Errors of a job. Messages name the input and say what to do.
 #[derive(Debug, thiserror::Error)]

@@ -7,6 +7,8 @@ use clap::{ArgAction, Args, Parser, Subcommand};
 use mirgen::config::LoadedConfig;
 use mirgen::job::{self, IndexMode, RunOptions, RunOutcome};
 use mirgen::progress::ProgressMode;
+use mirgen::watchdog::StallLimits;
+use std::time::Duration;
 
 /// mirgen builds multi-round Mental Image Retrieval (MIR) datasets, GenIR-style:
 /// per target image a VLM writes a query, a diffusion model draws it, a
@@ -338,6 +340,15 @@ struct RunArgs {
     /// Index size above which `--index auto` shards it.
     #[arg(long, default_value_t = 2048, value_name = "MB")]
     index_memory_mb: u64,
+    /// Warn when one stage of a wave (a batched model call, a commit) runs
+    /// longer than this.
+    #[arg(long, default_value_t = 600, value_name = "SECONDS")]
+    stall_warn: u64,
+    /// Stop this process (exit status 4) when a stage runs longer than this,
+    /// instead of hanging; rerunning resumes, runs the stalled targets one at
+    /// a time, and records a target that stalls alone twice as failed. 0: never.
+    #[arg(long, default_value_t = 3600, value_name = "SECONDS")]
+    stall_timeout: u64,
     /// Print help (`-h` is timely's hostfile flag).
     #[arg(long, action = ArgAction::Help)]
     help: Option<bool>,
@@ -373,6 +384,11 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
             process: args.process,
             index: args.index,
             index_memory_mb: args.index_memory_mb,
+            stalls: StallLimits {
+                warn_after: Duration::from_secs(args.stall_warn.max(1)),
+                abort_after: (args.stall_timeout > 0)
+                    .then(|| Duration::from_secs(args.stall_timeout)),
+            },
             device: args.device,
             progress: args.progress,
         },
@@ -407,7 +423,34 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A dead peer process surfaces as a panic in timely's network threads;
+/// turn it into one clear message and a prompt exit (committed work is safe).
+fn install_peer_loss_hook() {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let msg = info
+            .payload()
+            .downcast_ref::<String>()
+            .cloned()
+            .or_else(|| info.payload().downcast_ref::<&str>().map(|s| s.to_string()))
+            .unwrap_or_default();
+        if msg.contains("timely communication error") || msg.contains("MergeQueue poisoned") {
+            eprintln!(
+                "error: lost the connection to another process of this cluster ({msg}). \
+                 A peer process died or was killed; every committed wave is kept. \
+                 Rerun the same command on every process to resume."
+            );
+            std::process::exit(PEER_LOST_EXIT_CODE);
+        }
+        default(info);
+    }));
+}
+
+/// Exit status when a peer process of the cluster is lost.
+const PEER_LOST_EXIT_CODE: i32 = 3;
+
 fn main() -> ExitCode {
+    install_peer_loss_hook();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Run(args) => run(args),

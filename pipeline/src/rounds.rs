@@ -30,6 +30,7 @@ use mirgen_workers::{
 use crate::config::{Config, Mode};
 use crate::index::{CorpusIndex, SearchResult};
 use crate::store::Location;
+use crate::watchdog::{Heartbeats, StallHistory};
 
 /// The three roles, owned by one worker.
 pub struct Models {
@@ -78,6 +79,10 @@ pub struct WaveContext {
     /// The whole corpus index (replicated mode); `None` when workers hold shards.
     pub index: Option<Arc<CorpusIndex>>,
     pub runtime: Arc<tokio::runtime::Runtime>,
+    /// What each worker is doing (read by the watchdog).
+    pub heartbeats: Arc<Heartbeats>,
+    /// Stalls of earlier attempts on this output.
+    pub stalls: StallHistory,
 }
 
 struct Item {
@@ -145,6 +150,18 @@ pub fn call_seed(run_seed: u64, id: &str, stage: &str, round: i32) -> u64 {
     derive_seed(run_seed, &[id, stage, &round.to_string()])
 }
 
+/// Test hook: `MIRGEN_TEST_STALL=<target id>` makes the caption call of any
+/// wave holding that target hang forever (exercises the watchdog).
+fn stall_hook(ids: &[String]) {
+    if let Ok(t) = std::env::var("MIRGEN_TEST_STALL") {
+        if ids.contains(&t) {
+            loop {
+                std::thread::sleep(std::time::Duration::from_secs(3600));
+            }
+        }
+    }
+}
+
 /// Seconds spent per stage (summed over items' shares), for per-worker stats.
 #[derive(Clone, Debug, Default, serde::Serialize)]
 pub struct StageSeconds {
@@ -189,6 +206,8 @@ pub struct Wave {
     issued: Instant,
     done: bool,
     seed: u64,
+    worker: usize,
+    ids: Vec<String>,
     pub seconds: StageSeconds,
 }
 
@@ -198,10 +217,12 @@ impl Wave {
     pub fn start(
         models: &mut Models,
         ctx: &WaveContext,
+        worker: usize,
         ids: &[String],
         indexed: &dyn Fn(&str) -> bool,
     ) -> Wave {
         let t = Instant::now();
+        ctx.heartbeats.enter(worker, "load", ids);
         let items: Vec<Item> = ids
             .iter()
             .map(|id| {
@@ -218,7 +239,9 @@ impl Wave {
                     Ok((bytes, img)) => {
                         item.target_cell = Some(ImageCell { bytes: bytes.to_vec(), path: file_name(id).to_string() });
                         item.target = Some(Arc::new(img));
-                        if !indexed(id) {
+                        if let Some(reason) = ctx.stalls.give_up.get(id) {
+                            item.failed = Some((0, reason.clone()));
+                        } else if !indexed(id) {
                             item.failed = Some((0, format!("target {id} is not in the corpus index, so it cannot be ranked (is it listed in the corpus?)")));
                         }
                     }
@@ -235,6 +258,8 @@ impl Wave {
             issued: Instant::now(),
             done: false,
             seed: ctx.config.run.seed,
+            worker,
+            ids: ids.to_vec(),
             seconds: StageSeconds::default(),
         };
         wave.seconds.load = t.elapsed().as_secs_f64();
@@ -254,6 +279,12 @@ impl Wave {
                 .collect::<Vec<_>>(),
         );
         let t = Instant::now();
+        ctx.heartbeats.enter(worker, "caption", ids);
+        stall_hook(
+            &idx.iter()
+                .map(|&i| wave.items[i].id.clone())
+                .collect::<Vec<_>>(),
+        );
         let out = call_isolated(&reqs, &mut |b| models.writer.run(b));
         wave.seconds.vlm += t.elapsed().as_secs_f64();
         let per = t.elapsed().as_secs_f32() * 1000.0 / idx.len().max(1) as f32;
@@ -266,6 +297,7 @@ impl Wave {
             }
         }
         wave.draw_and_embed(models, ctx);
+        ctx.heartbeats.idle(worker);
         wave
     }
 
@@ -307,6 +339,7 @@ impl Wave {
                         init_latents: None,
                     })
                     .collect();
+                ctx.heartbeats.enter(self.worker, "generate", &self.ids);
                 let out = call_isolated(&reqs, &mut |b| models.generator.generate(b));
                 self.seconds.generate += t.elapsed().as_secs_f64();
                 gen_ms = t.elapsed().as_secs_f32() * 1000.0 / idx.len().max(1) as f32;
@@ -321,6 +354,7 @@ impl Wave {
                     }
                 }
                 let images: Vec<&RgbImage> = drawn.iter().map(|(_, img)| img.as_ref()).collect();
+                ctx.heartbeats.enter(self.worker, "embed", &self.ids);
                 let out = call_isolated(&images, &mut |b| models.embedder.embed_images(b));
                 embedded = drawn
                     .into_iter()
@@ -334,6 +368,7 @@ impl Wave {
                     .iter()
                     .map(|&i| self.items[i].query.clone().unwrap_or_default())
                     .collect();
+                ctx.heartbeats.enter(self.worker, "embed", &self.ids);
                 let out = call_isolated(&texts, &mut |b| models.embedder.embed_texts(b));
                 embedded = idx
                     .iter()
@@ -382,6 +417,7 @@ impl Wave {
         // (item, image shown to the VLM next to the target)
         let mut synthetic: Vec<(usize, Option<Arc<RgbImage>>)> = Vec::new();
         let t = Instant::now();
+        ctx.heartbeats.enter(self.worker, "encode", &self.ids);
         for (p, found) in std::mem::take(&mut self.pending).into_iter().zip(results) {
             let item = &mut self.items[p.item];
             let cell = match &p.image {
@@ -453,11 +489,13 @@ impl Wave {
         self.seconds.encode += t.elapsed().as_secs_f64();
         if round == self.last_round || synthetic.is_empty() {
             self.done = true;
+            ctx.heartbeats.idle(self.worker);
             return;
         }
         self.compare_and_refine(models, ctx, synthetic);
         self.round += 1;
         self.draw_and_embed(models, ctx);
+        ctx.heartbeats.idle(self.worker);
     }
 
     /// Compares target and feedback image (or critiques the caption), then refines.
@@ -471,6 +509,7 @@ impl Wave {
         let (round, seed) = (self.round, cfg.run.seed);
         let items = &mut self.items;
         let t = Instant::now();
+        ctx.heartbeats.enter(self.worker, "compare", &self.ids);
         let reqs = match cfg.run.mode {
             Mode::Verbal => models.writer.critique_requests(
                 &synthetic
@@ -517,6 +556,7 @@ impl Wave {
             })
             .collect();
         let reqs = models.writer.refine_requests(&refine);
+        ctx.heartbeats.enter(self.worker, "refine", &self.ids);
         let out = call_isolated(&reqs, &mut |b| models.writer.run(b));
         self.seconds.vlm += t.elapsed().as_secs_f64();
         let per = t.elapsed().as_secs_f32() * 1000.0 / synthetic.len().max(1) as f32;
@@ -567,10 +607,11 @@ impl Wave {
 pub fn run_wave(
     models: &mut Models,
     ctx: &WaveContext,
+    worker: usize,
     index: &CorpusIndex,
     ids: &[String],
 ) -> (Vec<Record>, StageSeconds) {
-    let mut wave = Wave::start(models, ctx, ids, &|id| index.contains(id));
+    let mut wave = Wave::start(models, ctx, worker, ids, &|id| index.contains(id));
     while !wave.is_done() {
         let results = wave
             .queries()
