@@ -1003,3 +1003,37 @@ fn a_stalled_model_call_stops_the_process_and_the_culprit_is_isolated_then_faile
         }
     }
 }
+
+/// `mirgen bench` runs the sequential reference loop and the dataflow on the
+/// same targets and seeds; their records must be identical (speed is
+/// measured by the benchmark itself, not asserted here).
+#[test]
+fn bench_compares_the_sequential_loop_and_the_dataflow_on_identical_records() {
+    let tmp = tempfile::tempdir().unwrap();
+    let corpus = tmp.path().join("corpus");
+    make_corpus(&corpus, 5);
+    let config = write_config(tmp.path(), &corpus, 1, "");
+    let r = mirgen::bench::run(
+        LoadedConfig::load(&config).unwrap(),
+        mirgen::bench::BenchOptions {
+            workers: 2,
+            targets: Some(4),
+            work_dir: Some(tmp.path().join("bench")),
+            device: "cpu".into(),
+        },
+    )
+    .unwrap();
+    assert_eq!((r.targets, r.rounds_per_target, r.target_rounds), (4, 2, 8));
+    assert!(
+        r.identical_records,
+        "dataflow and sequential records differ"
+    );
+    assert!(r.sequential_rounds_per_s > 0.0 && r.dataflow_rounds_per_s > 0.0);
+    assert!(
+        r.model_share > 0.0 && r.model_share <= 1.0,
+        "{}",
+        r.model_share
+    );
+    assert!(r.dataflow_stage_seconds.generate > 0.0 && r.sequential_stage_seconds.vlm > 0.0);
+    assert!(r.peak_rss_mib > 1.0);
+}

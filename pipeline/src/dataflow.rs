@@ -104,13 +104,45 @@ pub struct WorkerStats {
     pub index_bytes: usize,
     pub seconds: StageSeconds,
     pub wall_seconds: f64,
+    /// Seconds after `JobShared::started` when this worker admitted its last
+    /// wave, and when it finished its last wave.
+    pub last_admission_s: f64,
+    pub finished_s: f64,
+    /// Seconds after `JobShared::started` when its models and index were ready.
+    pub ready_s: f64,
 }
 
-/// A stable hash of a target id (timely's exchange uses the key as is).
-pub fn route(id: &str) -> u64 {
-    let mut h = std::collections::hash_map::DefaultHasher::new();
-    id.hash(&mut h);
-    h.finish()
+/// Which worker owns a target: its position in the (identical on every
+/// process) sorted target list, modulo the worker count — an even split, so
+/// no worker keeps working alone at the end (timely's exchange takes the
+/// returned key modulo the number of workers). Unknown ids fall back to a hash.
+pub struct Router {
+    position: std::collections::HashMap<String, u64>,
+}
+
+impl Router {
+    pub fn new(targets: &[String]) -> Self {
+        let mut sorted: Vec<&String> = targets.iter().collect();
+        sorted.sort();
+        Router {
+            position: sorted
+                .into_iter()
+                .enumerate()
+                .map(|(i, t)| (t.clone(), i as u64))
+                .collect(),
+        }
+    }
+
+    pub fn route(&self, id: &str) -> u64 {
+        match self.position.get(id) {
+            Some(&p) => p,
+            None => {
+                let mut h = std::collections::hash_map::DefaultHasher::new();
+                id.hash(&mut h);
+                h.finish()
+            }
+        }
+    }
 }
 
 /// Everything the workers of one process share.
@@ -127,6 +159,10 @@ pub struct JobShared {
     /// Model descriptions, from the first worker that built models.
     pub models: Mutex<Option<std::collections::BTreeMap<String, serde_json::Value>>>,
     pub index_plan: IndexPlan,
+    /// Target -> owning worker.
+    pub router: Arc<Router>,
+    /// When this process's dataflow started (for admission/finish times).
+    pub started: Instant,
     /// This process's index in the cluster (for stats).
     pub process: usize,
     /// Per-worker stats of this process, filled as workers finish.
@@ -172,6 +208,7 @@ impl JobShared {
         };
         self.ctx.heartbeats.idle(worker);
         stats.commit_seconds += t.elapsed().as_secs_f64();
+        stats.finished_s = self.started.elapsed().as_secs_f64();
         match committed {
             Ok(_) => {
                 stats.waves += 1;
@@ -230,7 +267,8 @@ pub fn run(shared: Arc<JobShared>, timely_args: Vec<String>) -> Result<(), Strin
                 None
             }
             IndexPlan::Sharded { cache, key } => {
-                let owns = |id: &str| route(id) % peers as u64 == index as u64;
+                let router = shared.router.clone();
+                let owns = move |id: &str| router.route(id) % peers as u64 == index as u64;
                 match shared
                     .ctx
                     .runtime
@@ -255,6 +293,7 @@ pub fn run(shared: Arc<JobShared>, timely_args: Vec<String>) -> Result<(), Strin
                 }
             }
         };
+        stats.ready_s = shared.started.elapsed().as_secs_f64();
         let window = shared.ctx.config.batch.window;
         let max_waves = shared.ctx.config.batch.waves_in_flight.max(1);
         let top_k = shared.ctx.config.run.top_k;
@@ -268,7 +307,9 @@ pub fn run(shared: Arc<JobShared>, timely_args: Vec<String>) -> Result<(), Strin
             let mut models = models;
             let shared = op_shared;
             let activator_scope = scope;
-            let by_target = Exchange::new(|x: &((String, ()), u64, isize)| route(&(x.0).0));
+            let router = shared.router.clone();
+            let by_target =
+                Exchange::new(move |x: &((String, ()), u64, isize)| router.route(&(x.0).0));
             let probe = match shard {
             None => {
             let done = pending
@@ -291,6 +332,7 @@ pub fn run(shared: Arc<JobShared>, timely_args: Vec<String>) -> Result<(), Strin
                             let input_done = frontier.is_empty();
                             if queue.len() >= window || (input_done && !queue.is_empty()) {
                                 let wave = next_wave(&mut queue, window, &shared.ctx.stalls.isolate);
+                                op_stats.borrow_mut().last_admission_s = shared.started.elapsed().as_secs_f64();
                                 match (models.as_mut(), shared.ctx.index.as_ref()) {
                                     (Some(models), Some(ix)) => {
                                         let (records, seconds) = run_wave(models, &shared.ctx, index, ix, &wave);
@@ -379,6 +421,7 @@ pub fn run(shared: Arc<JobShared>, timely_args: Vec<String>) -> Result<(), Strin
                                 Some((id, wave))
                             } else if can_start(&waves, &queue) {
                                 let ids = next_wave(&mut queue, window, &shared.ctx.stalls.isolate);
+                                op_stats.borrow_mut().last_admission_s = shared.started.elapsed().as_secs_f64();
                                 match models.as_mut() {
                                     Some(models) => {
                                         wave_seq += 1;

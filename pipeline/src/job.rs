@@ -232,6 +232,8 @@ pub fn run(cfg: LoadedConfig, opts: RunOptions) -> Result<RunOutcome, PipelineEr
         },
         process: opts.process,
         worker_stats: Mutex::new(vec![]),
+        router: Arc::new(dataflow::Router::new(&targets)),
+        started: Instant::now(),
     });
     if todo > 0 {
         dataflow::run(shared.clone(), opts.timely_args.clone()).map_err(PipelineError::Dataflow)?;

@@ -2,6 +2,7 @@
 //! Image Retrieval datasets (GenIR, arXiv 2506.06220), its commit protocol
 //! on object storage, and the `mirgen` CLI's commands.
 
+pub mod bench;
 pub mod commit;
 pub mod config;
 pub mod corpus;

@@ -39,6 +39,80 @@ enum Command {
     Export(ExportArgs),
     /// Upload a finished dataset folder to the Hugging Face Hub (token from HF_TOKEN).
     Publish(PublishArgs),
+    /// Throughput: the dataflow against GenIR's sequential loop (batch 1, no
+    /// overlap) on the same targets, models and seeds, in one process.
+    #[command(
+        after_help = "Example:\n  mirgen bench --config configs/demo.toml -w 2 --json > bench.json\n\nThe JSON has dataflow_rounds_per_s, sequential_rounds_per_s, ratio, model_share,\nidentical_records, tail_s, round_s, peak_rss_mib and seconds per stage."
+    )]
+    Bench(BenchArgs),
+}
+
+#[derive(Args)]
+struct BenchArgs {
+    /// Job configuration (TOML), as for `mirgen run`.
+    #[arg(long, value_name = "FILE")]
+    config: PathBuf,
+    /// Dataflow worker threads.
+    #[arg(short = 'w', long = "workers", default_value_t = 2, value_name = "N")]
+    workers: usize,
+    /// Use only the first N targets (sorted by id).
+    #[arg(long, value_name = "N")]
+    targets: Option<usize>,
+    /// Scratch folder for the outputs (default: a temporary folder, removed).
+    #[arg(long, value_name = "DIR")]
+    work_dir: Option<PathBuf>,
+    /// Device for the models: auto, cpu or cuda.
+    #[arg(long, default_value = "auto")]
+    device: String,
+    /// Print the report as JSON on stdout.
+    #[arg(long)]
+    json: bool,
+}
+
+fn bench(args: BenchArgs) -> anyhow::Result<()> {
+    let cfg = LoadedConfig::load(&args.config)?;
+    let r = mirgen::bench::run(
+        cfg,
+        mirgen::bench::BenchOptions {
+            workers: args.workers,
+            targets: args.targets,
+            work_dir: args.work_dir,
+            device: args.device,
+        },
+    )?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&r)?);
+        return Ok(());
+    }
+    println!(
+        "{} targets x {} rounds = {} target-rounds{}",
+        r.targets,
+        r.rounds_per_target,
+        r.target_rounds,
+        if r.smoke_test {
+            " (smoke-test models)"
+        } else {
+            ""
+        }
+    );
+    println!(
+        "sequential (batch 1, no overlap): {:.1} s, {:.2} target-rounds/s, model calls {:.0}% of wall",
+        r.sequential_s,
+        r.sequential_rounds_per_s,
+        100.0 * r.sequential_model_share
+    );
+    println!(
+        "dataflow ({} workers):            {:.1} s, {:.2} target-rounds/s, model calls {:.0}% of worker time",
+        r.workers,
+        r.dataflow_s,
+        r.dataflow_rounds_per_s,
+        100.0 * r.model_share
+    );
+    println!(
+        "ratio {:.2}x; records identical: {}; tail {:.1} s (round step {:.1} s); last admission to end {:.1} s; peak RSS {:.0} MiB",
+        r.ratio, r.identical_records, r.tail_s, r.round_s, r.last_admission_to_end_s, r.peak_rss_mib
+    );
+    Ok(())
 }
 
 /// `mirgen report --dataset out/demo --out out/demo-report` then open out/demo-report/index.html
@@ -458,6 +532,7 @@ fn main() -> ExitCode {
         Command::Report(args) => report(args),
         Command::Export(args) => export(args),
         Command::Publish(args) => publish(args),
+        Command::Bench(args) => bench(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
