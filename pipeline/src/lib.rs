@@ -16,6 +16,7 @@ pub mod publish;
 pub mod report;
 pub mod rescore;
 pub mod rounds;
+pub mod search;
 pub mod store;
 pub mod watchdog;
 
