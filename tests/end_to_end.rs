@@ -83,6 +83,8 @@ fn try_run_job_indexed(
             output: output.display().to_string(),
             timely_args: vec!["mirgen".into(), "-w".into(), workers.to_string()],
             process: 0,
+            processes: 1,
+            workers,
             device: "cpu".into(),
             progress: ProgressMode::None,
             index,
@@ -1036,4 +1038,66 @@ fn bench_compares_the_sequential_loop_and_the_dataflow_on_identical_records() {
     );
     assert!(r.dataflow_stage_seconds.generate > 0.0 && r.sequential_stage_seconds.vlm > 0.0);
     assert!(r.peak_rss_mib > 1.0);
+}
+
+/// `mirgen index` embeds the corpus (a corrupt image is reported, not
+/// fatal), a second call reuses it, and `mirgen run` on the same output
+/// reuses it too.
+#[test]
+fn index_command_builds_once_reports_bad_images_and_run_reuses_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let corpus = tmp.path().join("corpus");
+    make_corpus(&corpus, 5);
+    std::fs::write(
+        corpus.join("broken.jpg"),
+        b"\xff\xd8\xff\xe0 truncated jpeg",
+    )
+    .unwrap();
+    let config = write_config(tmp.path(), &corpus, 1, "");
+    let out = tmp.path().join("out");
+    let args = |extra: &[&str]| {
+        let mut a = vec!["index", "--progress", "none", "--config"];
+        a.push(config.to_str().unwrap());
+        a.extend(["--output", out.to_str().unwrap()]);
+        a.extend_from_slice(extra);
+        a.iter().map(|s| s.to_string()).collect::<Vec<_>>()
+    };
+    let first = mirgen_ok(
+        &args(&["-w", "2"])
+            .iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>(),
+    );
+    let (so, se) = (
+        String::from_utf8_lossy(&first.stdout),
+        String::from_utf8_lossy(&first.stderr),
+    );
+    assert!(
+        so.contains("written") && so.contains("5 of 6 images"),
+        "{so}"
+    );
+    assert!(se.contains("broken.jpg"), "{se}");
+    let again = mirgen_ok(&args(&[]).iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(String::from_utf8_lossy(&again.stdout).contains("reused"));
+    let run = mirgen_ok(&[
+        "run",
+        "--progress",
+        "none",
+        "--config",
+        config.to_str().unwrap(),
+        "--output",
+        out.to_str().unwrap(),
+    ]);
+    let log = String::from_utf8_lossy(&run.stderr);
+    assert!(log.contains("reused from cache"), "{log}");
+    let (_, rows) = read_dataset(&out);
+    assert_eq!(
+        rows.len(),
+        6 * 2,
+        "the broken image is a target with failed rows"
+    );
+    assert!(rows
+        .iter()
+        .filter(|r| r.target_id == "broken.jpg")
+        .all(|r| r.status == RecordStatus::Failed));
 }

@@ -9,7 +9,6 @@ use arrow::array::{
     Array, Float32Array, Float32Builder, ListArray, ListBuilder, RecordBatch, StringArray,
 };
 use arrow::datatypes::{DataType, Field, Schema};
-use bytes::Bytes;
 use mirgen_workers::{image_io::decode_rgb, Embedder};
 use parquet::arrow::{arrow_reader::ParquetRecordBatchReaderBuilder, ArrowWriter};
 use sha2::{Digest, Sha256};
@@ -17,9 +16,6 @@ use sha2::{Digest, Sha256};
 use crate::corpus::Corpus;
 use crate::store::Location;
 use crate::PipelineError;
-
-/// Rows per Parquet row group of a cached index.
-const INDEX_ROW_GROUP: usize = 8192;
 
 /// The inner product every search uses (one summation order everywhere, so
 /// a sharded search scores exactly as a replicated one).
@@ -146,150 +142,309 @@ impl CorpusIndex {
         hex::encode(&h.finalize()[..12])
     }
 
-    /// The cache keys (data, failures) of an index.
-    pub fn cache_keys(key: &str) -> (String, String) {
-        (
-            format!("index/{key}.parquet"),
-            format!("index/{key}.failures.json"),
-        )
-    }
-
-    fn to_parquet(&self) -> Result<Vec<u8>, PipelineError> {
-        let schema = Arc::new(Schema::new(vec![
-            Field::new("id", DataType::Utf8, false),
-            Field::new(
-                "vector",
-                DataType::List(Arc::new(Field::new("item", DataType::Float32, true))),
-                false,
-            ),
-        ]));
-        let mut vectors = ListBuilder::new(Float32Builder::new());
-        for row in self.vectors.chunks_exact(self.dim) {
-            vectors.values().append_slice(row);
-            vectors.append(true);
-        }
-        let batch = RecordBatch::try_new(
-            schema.clone(),
-            vec![
-                Arc::new(self.ids.iter().map(Some).collect::<StringArray>()),
-                Arc::new(vectors.finish()),
-            ],
-        )?;
-        let mut buf = Vec::new();
-        // small row groups: shard loaders stream the file one group at a time
-        let props = parquet::file::properties::WriterProperties::builder()
-            .set_max_row_group_row_count(Some(INDEX_ROW_GROUP))
-            .build();
-        let mut w = ArrowWriter::try_new(&mut buf, schema, Some(props))?;
-        w.write(&batch)?;
-        w.close()?;
-        Ok(buf)
-    }
-
-    fn from_parquet(
-        data: Bytes,
-        failures: BTreeMap<String, String>,
-    ) -> Result<Self, PipelineError> {
-        let reader = ParquetRecordBatchReaderBuilder::try_new(data)?.build()?;
-        let (mut ids, mut vectors, mut dim) = (Vec::new(), Vec::new(), 0);
-        for batch in reader {
-            let batch = batch?;
-            let bad = || {
-                PipelineError::Input(
-                    "cached corpus index has an unexpected layout; delete it to rebuild".into(),
-                )
-            };
-            let id = batch
-                .column(0)
-                .as_any()
-                .downcast_ref::<StringArray>()
-                .ok_or_else(bad)?;
-            let vec = batch
-                .column(1)
-                .as_any()
-                .downcast_ref::<ListArray>()
-                .ok_or_else(bad)?;
-            for i in 0..batch.num_rows() {
-                ids.push(id.value(i).to_string());
-                let v = vec.value(i);
-                let v = v.as_any().downcast_ref::<Float32Array>().ok_or_else(bad)?;
-                dim = v.len();
-                vectors.extend_from_slice(v.values());
-            }
-        }
-        Ok(CorpusIndex::new(ids, dim, vectors, failures))
-    }
-
-    /// The failures list of the cached index `key`, if that index is complete.
-    pub async fn cached_failures(
-        cache: &Location,
-        key: &str,
-    ) -> Result<Option<BTreeMap<String, String>>, PipelineError> {
-        let (data_key, failures_key) = Self::cache_keys(key);
-        let complete = cache
-            .list("index")
-            .await?
-            .iter()
-            .any(|(k, _)| *k == data_key);
-        if !complete {
+    /// Loads a complete cached index (all chunks) into memory.
+    pub async fn load(cache: &Location, key: &str) -> Result<Option<Self>, PipelineError> {
+        let Some(meta) = IndexMeta::load(cache, key).await? else {
             return Ok(None);
+        };
+        let (mut ids, mut vectors) = (Vec::new(), Vec::new());
+        for c in 0..meta.chunks {
+            read_chunk(cache, key, c, |_, id, v| {
+                ids.push(id.to_string());
+                vectors.extend_from_slice(v);
+            })
+            .await?;
         }
-        Ok(Some(match cache.get_opt(&failures_key).await? {
-            Some(f) => serde_json::from_slice(&f)?,
-            None => BTreeMap::new(),
-        }))
+        let failures = meta.failures(cache).await?;
+        Ok(Some(CorpusIndex::new(ids, meta.dim, vectors, failures)))
     }
 
-    /// Loads the cached index for this embedder and corpus, or builds and caches it.
+    /// Loads the cached index for this embedder and corpus, or builds it here
+    /// (resuming from chunks already written) and caches it.
     /// Returns the index and whether it was reused.
     pub async fn load_or_build(
         cache: &Location,
         corpus: &Corpus,
         embedder: &mut dyn Embedder,
         batch_size: usize,
-        mut on_progress: impl FnMut(usize, usize),
+        on_progress: impl FnMut(usize, usize),
     ) -> Result<(Self, bool), PipelineError> {
         let key = Self::cache_key(&embedder.info().fingerprint, corpus);
-        let (data_key, failures_key) = Self::cache_keys(&key);
-        if let Some(data) = cache.get_opt(&data_key).await? {
-            let failures = match cache.get_opt(&failures_key).await? {
-                Some(f) => serde_json::from_slice(&f)?,
-                None => BTreeMap::new(),
-            };
-            return Ok((Self::from_parquet(data, failures)?, true));
+        if let Some(index) = Self::load(cache, &key).await? {
+            return Ok((index, true));
         }
-        let (mut ids, mut vectors, mut failures) = (Vec::new(), Vec::new(), BTreeMap::new());
-        let total = corpus.ids.len();
-        for chunk in corpus.ids.chunks(batch_size.max(1)) {
+        build_chunks(
+            cache,
+            &key,
+            corpus,
+            embedder,
+            batch_size,
+            &|_| true,
+            on_progress,
+        )
+        .await?;
+        finish_index(cache, &key, corpus, &embedder.info(), embedder.dim()).await?;
+        let index = Self::load(cache, &key).await?.ok_or_else(|| {
+            PipelineError::Input(format!("index {key} vanished while it was written"))
+        })?;
+        Ok((index, false))
+    }
+}
+
+/// Corpus positions per index chunk (one Parquet file each, written by one
+/// worker; the unit of resume).
+pub const INDEX_CHUNK: usize = 4096;
+
+/// `index/<key>/index.json`: written last, once every chunk exists.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct IndexMeta {
+    pub format: String,
+    pub key: String,
+    /// The encoder: architecture, source (preset, folder or hub id@revision)
+    /// and the fingerprint of its weights and preprocessing.
+    pub encoder: mirgen_workers::ModelInfo,
+    pub dim: usize,
+    /// Corpus images listed, indexed, and unreadable.
+    pub corpus_size: usize,
+    pub indexed: usize,
+    pub failed: usize,
+    pub chunk_size: usize,
+    pub chunks: usize,
+    pub created_unix: u64,
+}
+
+const INDEX_FORMAT: &str = "mirgen-index/1";
+
+fn chunk_key(key: &str, c: usize) -> String {
+    format!("index/{key}/chunk-{c:05}.parquet")
+}
+
+fn chunk_failures_key(key: &str, c: usize) -> String {
+    format!("index/{key}/chunk-{c:05}.failures.json")
+}
+
+fn meta_key(key: &str) -> String {
+    format!("index/{key}/index.json")
+}
+
+impl IndexMeta {
+    pub async fn load(cache: &Location, key: &str) -> Result<Option<Self>, PipelineError> {
+        match cache.get_opt(&meta_key(key)).await? {
+            Some(b) => Ok(Some(serde_json::from_slice(&b).map_err(|e| {
+                PipelineError::Input(format!(
+                    "index metadata {} is unreadable ({e}); delete the index folder to rebuild",
+                    meta_key(key)
+                ))
+            })?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Every unreadable corpus image (id -> reason).
+    pub async fn failures(
+        &self,
+        cache: &Location,
+    ) -> Result<BTreeMap<String, String>, PipelineError> {
+        let mut all = BTreeMap::new();
+        for c in 0..self.chunks {
+            if let Some(b) = cache.get_opt(&chunk_failures_key(&self.key, c)).await? {
+                let f: BTreeMap<String, String> = serde_json::from_slice(&b)?;
+                all.extend(f);
+            }
+        }
+        Ok(all)
+    }
+}
+
+/// Calls `row(position, id, vector)` for every row of chunk `c`, in order.
+async fn read_chunk(
+    cache: &Location,
+    key: &str,
+    c: usize,
+    mut row: impl FnMut(u64, &str, &[f32]),
+) -> Result<(), PipelineError> {
+    let data_key = chunk_key(key, c);
+    let data = cache.get(&data_key).await?;
+    let reader = ParquetRecordBatchReaderBuilder::try_new(data)?.build()?;
+    let bad = || {
+        PipelineError::Input(format!(
+            "index chunk {data_key} has an unexpected layout; delete the index folder to rebuild"
+        ))
+    };
+    for batch in reader {
+        let batch = batch?;
+        let pos = batch
+            .column(0)
+            .as_any()
+            .downcast_ref::<arrow::array::UInt64Array>()
+            .ok_or_else(bad)?;
+        let id = batch
+            .column(1)
+            .as_any()
+            .downcast_ref::<StringArray>()
+            .ok_or_else(bad)?;
+        let vec = batch
+            .column(2)
+            .as_any()
+            .downcast_ref::<ListArray>()
+            .ok_or_else(bad)?;
+        for i in 0..batch.num_rows() {
+            let v = vec.value(i);
+            let v = v.as_any().downcast_ref::<Float32Array>().ok_or_else(bad)?;
+            row(pos.value(i), id.value(i), v.values());
+        }
+    }
+    Ok(())
+}
+
+fn chunk_parquet(
+    positions: &[u64],
+    ids: &[String],
+    vectors: &[f32],
+    dim: usize,
+) -> Result<Vec<u8>, PipelineError> {
+    let schema = Arc::new(Schema::new(vec![
+        Field::new("position", DataType::UInt64, false),
+        Field::new("id", DataType::Utf8, false),
+        Field::new(
+            "vector",
+            DataType::List(Arc::new(Field::new("item", DataType::Float32, true))),
+            false,
+        ),
+    ]));
+    let mut list = ListBuilder::new(Float32Builder::new());
+    for row in vectors.chunks_exact(dim.max(1)) {
+        list.values().append_slice(row);
+        list.append(true);
+    }
+    let batch = RecordBatch::try_new(
+        schema.clone(),
+        vec![
+            Arc::new(arrow::array::UInt64Array::from(positions.to_vec())),
+            Arc::new(ids.iter().map(Some).collect::<StringArray>()),
+            Arc::new(list.finish()),
+        ],
+    )?;
+    let mut buf = Vec::new();
+    let mut w = ArrowWriter::try_new(&mut buf, schema, None)?;
+    w.write(&batch)?;
+    w.close()?;
+    Ok(buf)
+}
+
+/// Embeds and writes every chunk of the corpus that `mine(chunk)` selects
+/// and that is not written yet (resume). A chunk's failure list is written
+/// before its Parquet file, whose presence marks the chunk complete.
+/// `on_progress(done, total)` counts images of this call's chunks.
+pub async fn build_chunks(
+    cache: &Location,
+    key: &str,
+    corpus: &Corpus,
+    embedder: &mut dyn Embedder,
+    batch_size: usize,
+    mine: &(dyn Fn(usize) -> bool + Sync),
+    mut on_progress: impl FnMut(usize, usize),
+) -> Result<(), PipelineError> {
+    let n_chunks = corpus.ids.len().div_ceil(INDEX_CHUNK);
+    let existing: std::collections::BTreeSet<String> = cache
+        .list(&format!("index/{key}"))
+        .await?
+        .into_iter()
+        .map(|(k, _)| k)
+        .collect();
+    let todo: Vec<usize> = (0..n_chunks)
+        .filter(|&c| mine(c) && !existing.contains(&chunk_key(key, c)))
+        .collect();
+    let total: usize = todo
+        .iter()
+        .map(|&c| INDEX_CHUNK.min(corpus.ids.len() - c * INDEX_CHUNK))
+        .sum();
+    let mut done = 0;
+    for c in todo {
+        let start = c * INDEX_CHUNK;
+        let end = (start + INDEX_CHUNK).min(corpus.ids.len());
+        let (mut positions, mut ids, mut vectors, mut failures) =
+            (Vec::new(), Vec::new(), Vec::new(), BTreeMap::new());
+        for (b, chunk) in corpus.ids[start..end].chunks(batch_size.max(1)).enumerate() {
             let mut images = Vec::with_capacity(chunk.len());
-            for id in chunk {
+            for (j, id) in chunk.iter().enumerate() {
+                let pos = (start + b * batch_size.max(1) + j) as u64;
                 let decoded = match corpus.root.get(id).await {
                     Ok(bytes) => decode_rgb(id, &bytes).map_err(|e| e.to_string()),
                     Err(e) => Err(format!("cannot read {id}: {e}")),
                 };
                 match decoded {
-                    Ok(img) => images.push((id.clone(), img)),
+                    Ok(img) => images.push((pos, id.clone(), img)),
                     Err(reason) => {
                         failures.insert(id.clone(), reason);
                     }
                 }
             }
-            let refs: Vec<_> = images.iter().map(|(_, img)| img).collect();
+            let refs: Vec<_> = images.iter().map(|(_, _, img)| img).collect();
             let embedded = embedder.embed_images(&refs)?;
-            for ((id, _), v) in images.iter().zip(embedded) {
-                ids.push(id.clone());
+            for ((pos, id, _), v) in images.into_iter().zip(embedded) {
+                positions.push(pos);
+                ids.push(id);
                 vectors.extend(v);
             }
-            on_progress(ids.len() + failures.len(), total);
+            done += chunk.len();
+            on_progress(done, total);
         }
-        let index = CorpusIndex::new(ids, embedder.dim(), vectors, failures);
-        // failures first: the data file's presence marks a complete cache entry
         cache
-            .put(&failures_key, serde_json::to_vec_pretty(&index.failures)?)
+            .put(
+                &chunk_failures_key(key, c),
+                serde_json::to_vec_pretty(&failures)?,
+            )
             .await?;
-        cache.put(&data_key, index.to_parquet()?).await?;
-        Ok((index, false))
+        cache
+            .put(
+                &chunk_key(key, c),
+                chunk_parquet(&positions, &ids, &vectors, embedder.dim())?,
+            )
+            .await?;
     }
+    Ok(())
+}
+
+/// Writes `index.json` once every chunk exists; `Ok(None)` if some are missing.
+pub async fn finish_index(
+    cache: &Location,
+    key: &str,
+    corpus: &Corpus,
+    encoder: &mirgen_workers::ModelInfo,
+    dim: usize,
+) -> Result<Option<IndexMeta>, PipelineError> {
+    let n_chunks = corpus.ids.len().div_ceil(INDEX_CHUNK);
+    let existing: std::collections::BTreeSet<String> = cache
+        .list(&format!("index/{key}"))
+        .await?
+        .into_iter()
+        .map(|(k, _)| k)
+        .collect();
+    if (0..n_chunks).any(|c| !existing.contains(&chunk_key(key, c))) {
+        return Ok(None);
+    }
+    let mut meta = IndexMeta {
+        format: INDEX_FORMAT.into(),
+        key: key.into(),
+        encoder: encoder.clone(),
+        dim,
+        corpus_size: corpus.ids.len(),
+        indexed: 0,
+        failed: 0,
+        chunk_size: INDEX_CHUNK,
+        chunks: n_chunks,
+        created_unix: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0),
+    };
+    meta.failed = meta.failures(cache).await?.len();
+    meta.indexed = corpus.ids.len() - meta.failed;
+    cache
+        .put(&meta_key(key), serde_json::to_vec_pretty(&meta)?)
+        .await?;
+    Ok(Some(meta))
 }
 
 /// One worker's part of a sharded index: the rows whose corpus position is
@@ -358,9 +513,8 @@ impl IndexShard {
         }
     }
 
-    /// Streams the cached index `key` from `cache` (through a local temporary
-    /// file, one row group at a time) keeping only this shard's rows and the
-    /// owned targets' vectors.
+    /// Reads the cached index `key` chunk by chunk (one chunk in memory at a
+    /// time), keeping only this shard's rows and the owned targets' vectors.
     pub async fn load(
         cache: &Location,
         key: &str,
@@ -368,39 +522,15 @@ impl IndexShard {
         n_shards: usize,
         owns: impl Fn(&str) -> bool,
     ) -> Result<Self, PipelineError> {
-        let (data_key, _) = CorpusIndex::cache_keys(key);
-        let mut file = tempfile::tempfile()
-            .map_err(|e| PipelineError::Input(format!("cannot create a temporary file: {e}")))?;
-        cache.get_to_file(&data_key, &mut file).await?;
-        let reader = ParquetRecordBatchReaderBuilder::try_new(file)?
-            .with_batch_size(INDEX_ROW_GROUP)
-            .build()?;
-        let mut s = IndexShard::empty(shard, n_shards, 0);
-        let mut pos = 0u64;
-        for batch in reader {
-            let batch = batch?;
-            let bad = || {
-                PipelineError::Input(format!(
-                    "cached corpus index {data_key} has an unexpected layout; delete it to rebuild"
-                ))
-            };
-            let id = batch
-                .column(0)
-                .as_any()
-                .downcast_ref::<StringArray>()
-                .ok_or_else(bad)?;
-            let vec = batch
-                .column(1)
-                .as_any()
-                .downcast_ref::<ListArray>()
-                .ok_or_else(bad)?;
-            for i in 0..batch.num_rows() {
-                let v = vec.value(i);
-                let v = v.as_any().downcast_ref::<Float32Array>().ok_or_else(bad)?;
-                s.dim = v.len();
-                s.add(pos, id.value(i), v.values(), &owns);
-                pos += 1;
-            }
+        let meta = IndexMeta::load(cache, key).await?.ok_or_else(|| {
+            PipelineError::Input(format!(
+                "the corpus index {key} is not complete in {}; run `mirgen index` or rerun to build it",
+                cache.display
+            ))
+        })?;
+        let mut s = IndexShard::empty(shard, n_shards, meta.dim);
+        for c in 0..meta.chunks {
+            read_chunk(cache, key, c, |pos, id, v| s.add(pos, id, v, &owns)).await?;
         }
         Ok(s)
     }
@@ -500,10 +630,23 @@ mod tests {
         assert_eq!(r.ids.len(), 4);
         assert_eq!(r.target_rank, Some(0));
         assert_eq!(idx.search(&[1.0, 0.0], 1, Some("zzz")).target_rank, None);
-        let bytes = idx.to_parquet().unwrap();
-        let back = CorpusIndex::from_parquet(Bytes::from(bytes), BTreeMap::new()).unwrap();
-        assert_eq!(back.vectors, idx.vectors);
-        assert_eq!(back.ids, idx.ids);
+        let bytes = chunk_parquet(&[0, 1, 2, 3], &idx.ids, &idx.vectors, 2).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let loc = Location::open(&dir.path().display().to_string(), true).unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(loc.put(&chunk_key("k", 0), bytes)).unwrap();
+        let (mut ids, mut vectors) = (vec![], vec![]);
+        rt.block_on(read_chunk(&loc, "k", 0, |p, id, v| {
+            assert_eq!(p as usize, ids.len());
+            ids.push(id.to_string());
+            vectors.extend_from_slice(v);
+        }))
+        .unwrap();
+        assert_eq!(vectors, idx.vectors);
+        assert_eq!(ids, idx.ids);
     }
 
     #[test]

@@ -11,8 +11,9 @@ use crate::config::LoadedConfig;
 use crate::corpus::Corpus;
 use crate::dataflow::{self, IndexPlan, JobShared, WorkerStats};
 use crate::index::CorpusIndex;
+use crate::indexing::{ensure_index, Cluster};
 use crate::progress::{Progress, ProgressMode};
-use crate::rounds::{Models, WaveContext};
+use crate::rounds::{build_embedder, WaveContext};
 use crate::store::Location;
 use crate::watchdog::{Heartbeats, StallHistory, StallLimits, Watchdog};
 use crate::PipelineError;
@@ -25,6 +26,9 @@ pub struct RunOptions {
     pub timely_args: Vec<String>,
     /// This process's index in the cluster (finalizes when 0).
     pub process: usize,
+    /// Processes in the cluster and worker threads per process (as in `timely_args`).
+    pub processes: usize,
+    pub workers: usize,
     pub device: String,
     pub progress: ProgressMode,
     pub index: IndexMode,
@@ -130,40 +134,39 @@ pub fn run(cfg: LoadedConfig, opts: RunOptions) -> Result<RunOutcome, PipelineEr
         prefix: output.loc.path(STAGING),
         ..output.loc.clone()
     };
-    let (device, _) = mirgen_workers::device::select(&opts.device, 0);
-    let mut embedder_models = Models::build(&cfg.config, &device)?;
-    let models_description = embedder_models.describe();
-    let key = CorpusIndex::cache_key(&embedder_models.embedder.info().fingerprint, &corpus);
-    let estimated_mb = (corpus.ids.len() * embedder_models.embedder.dim() * 4) as u64 >> 20;
+    let cluster = Cluster {
+        processes: opts.processes,
+        process: opts.process,
+        workers: opts.workers,
+        device: opts.device.clone(),
+    };
+    let ensured = ensure_index(
+        &cfg.config,
+        &corpus,
+        &staging,
+        &runtime,
+        &cluster,
+        opts.progress,
+        &|c, d| Ok(build_embedder(c, d)?),
+    )?;
+    let (key, reused) = (ensured.key.clone(), ensured.reused);
+    let estimated_mb = (ensured.meta.indexed * ensured.meta.dim * 4) as u64 >> 20;
     let sharded = match opts.index {
         IndexMode::Sharded => true,
         IndexMode::Replicated => false,
         IndexMode::Auto => estimated_mb > opts.index_memory_mb,
     };
-    let cached = runtime.block_on(CorpusIndex::cached_failures(&staging, &key))?;
-    let (index, corpus_failures, reused) = match cached {
-        // a sharded run never loads the whole cached index into one process
-        Some(failures) if sharded => (None, failures, true),
-        _ => {
-            let index_progress =
-                Progress::new(opts.progress, "indexing corpus", corpus.ids.len(), 1);
-            let mut last = 0;
-            let (index, reused) = runtime.block_on(CorpusIndex::load_or_build(
-                &staging,
-                &corpus,
-                embedder_models.embedder.as_mut(),
-                cfg.config.batch.index_batch,
-                |done, _| {
-                    index_progress.inc(done - last, "indexing corpus");
-                    last = done;
-                },
-            ))?;
-            index_progress.finish();
-            let failures = index.failures.clone();
-            ((!sharded).then_some(index), failures, reused)
-        }
+    let corpus_failures = runtime.block_on(ensured.meta.failures(&staging))?;
+    // a sharded run never loads the whole index into one process
+    let index = if sharded {
+        None
+    } else {
+        Some(
+            runtime
+                .block_on(CorpusIndex::load(&staging, &key))?
+                .ok_or_else(|| PipelineError::Input(format!("corpus index {key} is missing")))?,
+        )
     };
-    drop(embedder_models);
     let indexed = corpus.ids.len() - corpus_failures.len();
     eprintln!(
         "corpus index: {indexed} images indexed{}{}; {}",
@@ -262,18 +265,22 @@ pub fn run(cfg: LoadedConfig, opts: RunOptions) -> Result<RunOutcome, PipelineEr
         )));
     }
     let c = &cfg.config;
+    // the models' descriptions (built here only when no worker ran this time)
+    let described = shared.models.lock().expect("lock").clone();
+    let models_description = match described {
+        Some(d) => d,
+        None => {
+            let (device, _) = mirgen_workers::device::select(&opts.device, 0);
+            crate::rounds::Models::build(c, &device)?.describe()
+        }
+    };
     let manifest = runtime.block_on(finalize(
         &shared.output,
         &rows,
         FinalizeInput {
             config_hash: &hash,
             config: serde_json::to_value(c)?,
-            models: shared
-                .models
-                .lock()
-                .expect("lock")
-                .clone()
-                .unwrap_or(models_description),
+            models: models_description,
             seed: c.run.seed,
             rounds: c.run.rounds,
             shard_rows: c.output.shard_rows,
@@ -330,4 +337,39 @@ fn report_worker_stats(
             eprintln!("warning: could not write worker stats {key}: {e}");
         }
     }
+}
+
+/// `mirgen index`: builds (or finds) the corpus index of `cfg` in `output`'s
+/// index cache, sharded over this cluster's workers. Unreadable images are
+/// reported and left out.
+pub fn index_only(
+    cfg: &LoadedConfig,
+    output: &str,
+    cluster: Cluster,
+    progress: ProgressMode,
+) -> Result<crate::indexing::EnsuredIndex, PipelineError> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(|e| PipelineError::Input(format!("cannot start the IO runtime: {e}")))?;
+    let corpus = runtime.block_on(Corpus::load(cfg))?;
+    let out = Location::open(output, true)?;
+    let staging = Location {
+        prefix: out.path(STAGING),
+        ..out.clone()
+    };
+    let ensured = ensure_index(
+        &cfg.config,
+        &corpus,
+        &staging,
+        &runtime,
+        &cluster,
+        progress,
+        &|c, d| Ok(build_embedder(c, d)?),
+    )?;
+    for (id, reason) in runtime.block_on(ensured.meta.failures(&staging))? {
+        eprintln!("  skipped corpus image {id}: {reason}");
+    }
+    Ok(ensured)
 }

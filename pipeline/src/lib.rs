@@ -10,6 +10,7 @@ pub mod dataflow;
 pub mod eval;
 pub mod export;
 pub mod index;
+pub mod indexing;
 pub mod job;
 pub mod progress;
 pub mod publish;

@@ -45,6 +45,94 @@ enum Command {
         after_help = "Example:\n  mirgen bench --config configs/demo.toml -w 2 --json > bench.json\n\nThe JSON has dataflow_rounds_per_s, sequential_rounds_per_s, ratio, model_share,\nidentical_records, tail_s, round_s, peak_rss_mib and seconds per stage."
     )]
     Bench(BenchArgs),
+    /// Embed the corpus with the config's retrieval encoder, sharded over the
+    /// workers (and processes), into the output's index cache; `mirgen run`
+    /// with the same config and output reuses it. Rerun to resume.
+    #[command(
+        disable_help_flag = true,
+        after_help = "Examples:\n  mirgen index --config configs/demo.toml --output out/demo -w 2\n  # two processes (same flags as mirgen run)\n  mirgen index --config job.toml --output s3://b/job -n 2 -p 0 -h hosts.txt"
+    )]
+    Index(IndexArgs),
+}
+
+#[derive(Args)]
+struct IndexArgs {
+    /// Job configuration (TOML): its corpus and embedder are used.
+    #[arg(long, value_name = "FILE")]
+    config: PathBuf,
+    /// The output the index belongs to (as for `mirgen run`).
+    /// Default: output/<config file name without .toml>.
+    #[arg(long, value_name = "DIR|URL")]
+    output: Option<String>,
+    /// Indexing threads in this process (one encoder each).
+    #[arg(short = 'w', long = "workers", default_value_t = 1, value_name = "N")]
+    workers: usize,
+    /// Number of processes in the cluster.
+    #[arg(short = 'n', long = "processes", default_value_t = 1, value_name = "N")]
+    processes: usize,
+    /// This process's index in the cluster, 0-based.
+    #[arg(short = 'p', long = "process", default_value_t = 0, value_name = "I")]
+    process: usize,
+    /// Accepted for symmetry with `mirgen run` (indexing needs no connections).
+    #[arg(short = 'h', long = "hostfile", value_name = "FILE")]
+    hostfile: Option<PathBuf>,
+    /// Device: auto, cpu or cuda.
+    #[arg(long, default_value = "auto")]
+    device: String,
+    /// Progress display.
+    #[arg(long, value_enum, default_value_t = ProgressMode::Auto)]
+    progress: ProgressMode,
+    /// Print help (`-h` is the hostfile flag).
+    #[arg(long, action = ArgAction::Help)]
+    help: Option<bool>,
+}
+
+fn default_output(config: &std::path::Path) -> String {
+    let stem = config
+        .file_stem()
+        .map(|s| s.to_string_lossy().to_string())
+        .unwrap_or_else(|| "run".into());
+    format!("output/{stem}")
+}
+
+fn index(args: IndexArgs) -> anyhow::Result<()> {
+    let cfg = LoadedConfig::load(&args.config)?;
+    let output = args
+        .output
+        .clone()
+        .unwrap_or_else(|| default_output(&args.config));
+    let ensured = mirgen::job::index_only(
+        &cfg,
+        &output,
+        mirgen::indexing::Cluster {
+            processes: args.processes,
+            process: args.process,
+            workers: args.workers,
+            device: args.device.clone(),
+        },
+        args.progress,
+    )?;
+    let m = &ensured.meta;
+    println!(
+        "corpus index {} at {}/.mirgen/index/{}: {} of {} images, {}-d, encoder {} ({}){}",
+        if ensured.reused { "reused" } else { "written" },
+        output.trim_end_matches('/'),
+        ensured.key,
+        m.indexed,
+        m.corpus_size,
+        m.dim,
+        m.encoder.architecture,
+        m.encoder.source,
+        if m.failed > 0 {
+            format!(
+                "; {} unreadable (listed in the chunks' failures files)",
+                m.failed
+            )
+        } else {
+            String::new()
+        }
+    );
+    Ok(())
 }
 
 #[derive(Args)]
@@ -456,6 +544,8 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
             output: output.clone(),
             timely_args,
             process: args.process,
+            processes: args.processes,
+            workers: args.workers,
             index: args.index,
             index_memory_mb: args.index_memory_mb,
             stalls: StallLimits {
@@ -533,6 +623,7 @@ fn main() -> ExitCode {
         Command::Export(args) => export(args),
         Command::Publish(args) => publish(args),
         Command::Bench(args) => bench(args),
+        Command::Index(args) => index(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

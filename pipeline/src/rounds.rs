@@ -55,7 +55,7 @@ impl Models {
                 budgets: m.vlm.max_new_tokens.clone(),
             },
             generator: Box::new(SdGenerator::tiny(seed, m.generator.diffusion(), device)?),
-            embedder: Box::new(ClipEmbedder::tiny(seed, device)?),
+            embedder: build_embedder(cfg, device)?,
         })
     }
 
@@ -70,6 +70,14 @@ impl Models {
         .map(|(k, v)| (k.to_string(), v.expect("model info serializes")))
         .collect()
     }
+}
+
+/// Builds only the configured retrieval encoder (corpus indexing needs no other model).
+pub fn build_embedder(
+    cfg: &Config,
+    device: &mirgen_workers::Device,
+) -> Result<Box<dyn Embedder>, WorkerError> {
+    Ok(Box::new(ClipEmbedder::tiny(cfg.run.seed, device)?))
 }
 
 /// What every wave needs besides the models (shared by a process's workers).
