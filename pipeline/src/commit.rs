@@ -121,6 +121,7 @@ impl Output {
         self.loc
             .put(&part, records_to_parquet(records, row_group_rows)?)
             .await?;
+        crate::failpoint::pause("part-written");
         let commit = PartCommit {
             config_hash: config_hash.into(),
             part,
@@ -134,6 +135,7 @@ impl Output {
                 serde_json::to_vec_pretty(&commit)?,
             )
             .await?;
+        crate::failpoint::pause("commit-written");
         Ok(commit)
     }
 
@@ -225,48 +227,105 @@ pub struct FinalizeInput<'a> {
     pub wall_seconds: f64,
 }
 
-/// Writes the Hugging Face layout from committed rows: data files, card,
-/// stats, and the manifest last.
+/// Writes the Hugging Face layout from the committed parts of `targets`,
+/// streaming: one part and at most one data file's rows are in memory at a
+/// time (plus each row's rank for the stats). Data files are written first,
+/// then README.md and stats.json, and manifest.json last. Fails if a target
+/// is not committed.
 pub async fn finalize(
     out: &Output,
-    rows: &[Record],
+    targets: &[String],
+    rounds_per_target: usize,
     input: FinalizeInput<'_>,
 ) -> Result<Manifest, PipelineError> {
-    let n_shards = rows.len().div_ceil(input.shard_rows).max(1);
+    let committed = out.committed(input.config_hash).await?;
+    let missing = targets
+        .iter()
+        .filter(|t| !committed.contains_key(*t))
+        .count();
+    if missing > 0 {
+        return Err(PipelineError::Incomplete(format!(
+            "{} of {} targets are committed (other processes may still be running); rerun the same command to finish",
+            targets.len() - missing,
+            targets.len()
+        )));
+    }
+    // part -> the targets it is the committed home of
+    let mut parts: BTreeMap<&str, BTreeSet<&str>> = BTreeMap::new();
+    for t in targets {
+        parts
+            .entry(committed[t].part.as_str())
+            .or_default()
+            .insert(t.as_str());
+    }
+    let total_rows = targets.len() * rounds_per_target;
+    let n_shards = total_rows.div_ceil(input.shard_rows).max(1);
     let mut data_files = Vec::with_capacity(n_shards);
     let mut data_bytes = 0u64;
-    for (i, chunk) in rows.chunks(input.shard_rows).enumerate() {
+    let mut buffer: Vec<Record> = Vec::with_capacity(input.shard_rows);
+    let mut ranks = Vec::with_capacity(total_rows);
+    let (mut failed_rows, mut failed_targets, mut rows_seen) = (0usize, BTreeSet::new(), 0usize);
+    let flush = |buffer: &mut Vec<Record>, data_files: &mut Vec<String>| {
+        let i = data_files.len();
         let key = format!("data/train-{i:05}-of-{n_shards:05}.parquet");
-        let file = records_to_parquet(chunk, input.row_group_rows)?;
-        data_bytes += file.len() as u64;
-        out.loc.put(&key, file).await?;
-        data_files.push(key);
+        data_files.push(key.clone());
+        let file = records_to_parquet(buffer, input.row_group_rows);
+        buffer.clear();
+        (key, file)
+    };
+    for (part, wanted) in &parts {
+        let mut rows: Vec<Record> = records_from_parquet(out.loc.get(part).await?)?
+            .into_iter()
+            .filter(|r| wanted.contains(r.target_id.as_str()))
+            .collect();
+        rows.sort_by(|a, b| (&a.target_id, a.round).cmp(&(&b.target_id, b.round)));
+        for r in rows {
+            rows_seen += 1;
+            ranks.push(crate::eval::RankRow {
+                target_id: r.target_id.clone(),
+                round: r.round,
+                rank: r.target_rank,
+            });
+            if r.status == RecordStatus::Failed {
+                failed_rows += 1;
+                failed_targets.insert(r.target_id.clone());
+            }
+            buffer.push(r);
+            if buffer.len() == input.shard_rows && data_files.len() + 1 < n_shards {
+                let (key, file) = flush(&mut buffer, &mut data_files);
+                let file = file?;
+                data_bytes += file.len() as u64;
+                out.loc.put(&key, file).await?;
+            }
+        }
     }
+    if rows_seen != total_rows {
+        return Err(PipelineError::Input(format!(
+            "the committed parts hold {rows_seen} rows for {} targets x {rounds_per_target} rounds; \
+             delete {STAGING}/commits and rerun to redo them",
+            targets.len()
+        )));
+    }
+    let (key, file) = flush(&mut buffer, &mut data_files);
+    let file = file?;
+    data_bytes += file.len() as u64;
+    out.loc.put(&key, file).await?;
     for (key, _) in out.loc.list("data").await? {
         if !data_files.contains(&key) {
             out.loc.delete(&key).await?;
         }
     }
-    let targets: BTreeSet<&str> = rows.iter().map(|r| r.target_id.as_str()).collect();
-    let failed_targets: BTreeSet<&str> = rows
-        .iter()
-        .filter(|r| r.status == RecordStatus::Failed)
-        .map(|r| r.target_id.as_str())
-        .collect();
-    let (cumulative, per_round) = hits_at_10(rows);
-    let mut at = crate::eval::evaluate("", &rank_rows(rows), &[1, 5]).cumulative;
+    let mut k10 = crate::eval::evaluate("", &ranks, &[10]);
+    let mut at = crate::eval::evaluate("", &ranks, &[1, 5]).cumulative;
     let stats = RunStats {
         targets: targets.len(),
-        rows: rows.len(),
-        failed_rows: rows
-            .iter()
-            .filter(|r| r.status == RecordStatus::Failed)
-            .count(),
+        rows: rows_seen,
+        failed_rows,
         failed_targets: failed_targets.len(),
         corpus_size: input.corpus_size,
         corpus_failures: input.corpus_failures,
-        cumulative_hits_at_10: cumulative,
-        per_round_hits_at_10: per_round,
+        cumulative_hits_at_10: k10.cumulative.remove(&10).unwrap_or_default(),
+        per_round_hits_at_10: k10.per_round.remove(&10).unwrap_or_default(),
         cumulative_hits_at_1: at.remove(&1).unwrap_or_default(),
         cumulative_hits_at_5: at.remove(&5).unwrap_or_default(),
         data_bytes,
@@ -295,10 +354,12 @@ pub async fn finalize(
         smoke_test: input.smoke_test,
         prompts: &input.prompts,
     });
+    crate::failpoint::pause("finalize-data");
     out.loc.put("README.md", card.into_bytes()).await?;
     out.loc
         .put("stats.json", serde_json::to_vec_pretty(&manifest.stats)?)
         .await?;
+    crate::failpoint::pause("finalize-card");
     out.loc
         .put(MANIFEST, serde_json::to_vec_pretty(&manifest)?)
         .await?;

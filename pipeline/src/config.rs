@@ -127,7 +127,8 @@ pub struct ModelsConfig {
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct VlmConfig {
-    /// `tiny`: smoke-test PaliGemma-style model with random weights (its text is noise).
+    /// `tiny`: smoke-test PaliGemma-style model with random weights (its text
+    /// is noise); `simulation`: no model, hashed stand-in text (pipeline tests).
     pub preset: String,
     #[serde(default)]
     pub sampling: SamplingConfig,
@@ -140,7 +141,8 @@ pub struct VlmConfig {
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct GeneratorConfig {
-    /// `tiny`: smoke-test latent diffusion model (64x64) with random weights.
+    /// `tiny`: smoke-test latent diffusion model (64x64) with random weights;
+    /// `simulation`: no model, 16x16 hash-coloured images (pipeline tests).
     pub preset: String,
     /// Denoising steps (GenIR's SD 3.5 default: 28).
     #[serde(default = "default_steps")]
@@ -170,7 +172,8 @@ impl GeneratorConfig {
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct EmbedderConfig {
-    /// `tiny`: smoke-test CLIP with random weights.
+    /// `tiny`: smoke-test CLIP with random weights; `simulation`: no model,
+    /// hashed unit vectors (pipeline tests).
     pub preset: String,
 }
 
@@ -309,10 +312,10 @@ impl LoadedConfig {
             ("models.generator", &config.models.generator.preset),
             ("models.embedder", &config.models.embedder.preset),
         ] {
-            if preset != "tiny" {
+            if preset != "tiny" && preset != "simulation" {
                 return Err(invalid(format!(
                     "{role}.preset = {preset:?}: this version implements only the `tiny` smoke-test preset \
-                     (real checkpoints: see the open model issues)"
+                     and the `simulation` stand-ins (real checkpoints: see the open model issues)"
                 )));
             }
         }
@@ -339,7 +342,7 @@ impl LoadedConfig {
         let m = &self.config.models;
         [&m.vlm.preset, &m.generator.preset, &m.embedder.preset]
             .iter()
-            .any(|p| *p == "tiny")
+            .any(|p| *p == "tiny" || *p == "simulation")
     }
 }
 

@@ -254,16 +254,6 @@ pub fn run(cfg: LoadedConfig, opts: RunOptions) -> Result<RunOutcome, PipelineEr
     if opts.process != 0 {
         return Ok(RunOutcome::ShareDone { new_targets: todo });
     }
-    let rows = runtime.block_on(shared.output.committed_records(&hash, &targets))?;
-    let done_targets: std::collections::BTreeSet<&str> =
-        rows.iter().map(|r| r.target_id.as_str()).collect();
-    if done_targets.len() != targets.len() {
-        return Err(PipelineError::Incomplete(format!(
-            "{} of {} targets are committed (other processes may still be running); rerun the same command to finish",
-            done_targets.len(),
-            targets.len()
-        )));
-    }
     let c = &cfg.config;
     // the models' descriptions (built here only when no worker ran this time)
     let described = shared.models.lock().expect("lock").clone();
@@ -276,7 +266,8 @@ pub fn run(cfg: LoadedConfig, opts: RunOptions) -> Result<RunOutcome, PipelineEr
     };
     let manifest = runtime.block_on(finalize(
         &shared.output,
-        &rows,
+        &targets,
+        rounds_per_target,
         FinalizeInput {
             config_hash: &hash,
             config: serde_json::to_value(c)?,

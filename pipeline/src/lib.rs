@@ -9,6 +9,7 @@ pub mod corpus;
 pub mod dataflow;
 pub mod eval;
 pub mod export;
+pub mod failpoint;
 pub mod index;
 pub mod indexing;
 pub mod job;

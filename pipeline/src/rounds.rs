@@ -23,6 +23,7 @@ use mirgen_workers::{
     image_io::{decode_rgb, encode},
     roles::{CompareItem, RefineItem},
     seed::derive_seed,
+    simulation::{SimEmbedder, SimGenerator, SimVlm},
     vlm::PaliGemmaStyleVlm,
     Embedder, GenerateRequest, ImageGenerator, QueryWriter, RgbImage, WorkerError,
 };
@@ -44,17 +45,25 @@ impl Models {
     pub fn build(cfg: &Config, device: &mirgen_workers::Device) -> Result<Self, WorkerError> {
         let seed = cfg.run.seed;
         let m = &cfg.models;
+        let vlm: Box<dyn mirgen_workers::Vlm> = match m.vlm.preset.as_str() {
+            "simulation" => Box::new(SimVlm),
+            _ => Box::new(PaliGemmaStyleVlm::tiny(
+                seed,
+                m.vlm.sampling.clone(),
+                device,
+            )?),
+        };
+        let generator: Box<dyn ImageGenerator> = match m.generator.preset.as_str() {
+            "simulation" => Box::new(SimGenerator { size: 16 }),
+            _ => Box::new(SdGenerator::tiny(seed, m.generator.diffusion(), device)?),
+        };
         Ok(Models {
             writer: QueryWriter {
-                vlm: Box::new(PaliGemmaStyleVlm::tiny(
-                    seed,
-                    m.vlm.sampling.clone(),
-                    device,
-                )?),
+                vlm,
                 prompts: cfg.prompts.clone(),
                 budgets: m.vlm.max_new_tokens.clone(),
             },
-            generator: Box::new(SdGenerator::tiny(seed, m.generator.diffusion(), device)?),
+            generator,
             embedder: build_embedder(cfg, device)?,
         })
     }
@@ -77,7 +86,10 @@ pub fn build_embedder(
     cfg: &Config,
     device: &mirgen_workers::Device,
 ) -> Result<Box<dyn Embedder>, WorkerError> {
-    Ok(Box::new(ClipEmbedder::tiny(cfg.run.seed, device)?))
+    Ok(match cfg.models.embedder.preset.as_str() {
+        "simulation" => Box::new(SimEmbedder { dim: 32 }),
+        _ => Box::new(ClipEmbedder::tiny(cfg.run.seed, device)?),
+    })
 }
 
 /// What every wave needs besides the models (shared by a process's workers).

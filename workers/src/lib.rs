@@ -21,6 +21,7 @@ pub mod preprocess;
 pub mod roles;
 pub mod sampling;
 pub mod seed;
+pub mod simulation;
 pub mod tiny;
 pub mod vlm;
 
