@@ -4,7 +4,8 @@
 //! tested and measured without model cost. Text is a few words picked by a
 //! hash of the request, drawings are small hash-coloured images, embeddings
 //! are seeded unit vectors of the input's hash. Every `ModelInfo` says
-//! `smoke_test: true`.
+//! `smoke_test: true`. `MIRGEN_SIM_LATENCY_MS=N` makes the stand-in
+//! generator take N ms per image, to give tests a run that lasts.
 
 use sha2::{Digest, Sha256};
 
@@ -88,6 +89,12 @@ impl ImageGenerator for SimGenerator {
         (self.size, self.size)
     }
     fn generate(&mut self, batch: &[GenerateRequest]) -> Result<Vec<RgbImage>> {
+        if let Some(ms) = std::env::var("MIRGEN_SIM_LATENCY_MS")
+            .ok()
+            .and_then(|v| v.parse::<u64>().ok())
+        {
+            std::thread::sleep(std::time::Duration::from_millis(ms * batch.len() as u64));
+        }
         Ok(batch
             .iter()
             .map(|r| {
