@@ -75,11 +75,11 @@ impl Output {
         Ok(())
     }
 
-    /// Committed targets -> the part holding them.
+    /// Committed targets -> the part holding them (one shared record per part).
     pub async fn committed(
         &self,
         config_hash: &str,
-    ) -> Result<BTreeMap<String, PartCommit>, PipelineError> {
+    ) -> Result<BTreeMap<String, std::sync::Arc<PartCommit>>, PipelineError> {
         let mut out = BTreeMap::new();
         for (key, _) in self.loc.list(&format!("{STAGING}/commits")).await? {
             if !key.ends_with(".json") {
@@ -94,6 +94,7 @@ impl Output {
             if commit.config_hash != config_hash {
                 continue;
             }
+            let commit = std::sync::Arc::new(commit);
             for t in &commit.target_ids {
                 out.entry(t.clone()).or_insert_with(|| commit.clone());
             }

@@ -46,16 +46,22 @@ const COMMIT_RETRIES: u32 = 3;
 /// Takes the next wave from a worker's queue: up to `window` targets in id
 /// order, except that a target of an earlier stalled wave runs alone.
 fn next_wave(
-    queue: &mut Vec<String>,
+    queue: &mut std::collections::BTreeSet<String>,
     window: usize,
     isolate: &std::collections::BTreeSet<String>,
 ) -> Vec<String> {
-    queue.sort();
-    if let Some(i) = queue.iter().position(|id| isolate.contains(id)) {
-        return vec![queue.remove(i)];
+    if let Some(id) = isolate.iter().find(|id| queue.contains(*id)).cloned() {
+        queue.remove(&id);
+        return vec![id];
     }
-    let take = queue.len().min(window);
-    queue.drain(..take).collect()
+    let mut wave = Vec::with_capacity(window);
+    while wave.len() < window {
+        match queue.pop_first() {
+            Some(id) => wave.push(id),
+            None => break,
+        }
+    }
+    wave
 }
 
 /// How workers reach the corpus index.
@@ -320,12 +326,12 @@ pub fn run(shared: Arc<JobShared>, timely_args: Vec<String>) -> Result<(), Strin
                     move |cap, info| {
                         let activator = activator_scope.activator_for(info.address.clone());
                         let mut cap = Some(cap);
-                        let mut queue: Vec<String> = Vec::new();
+                        let mut queue = std::collections::BTreeSet::<String>::new();
                         move |(input, frontier), output| {
                             input.for_each(|_time, data| {
                                 for ((id, ()), _t, diff) in data.drain(..) {
                                     if diff > 0 {
-                                        queue.push(id);
+                                        queue.insert(id);
                                     }
                                 }
                             });
@@ -374,7 +380,7 @@ pub fn run(shared: Arc<JobShared>, timely_args: Vec<String>) -> Result<(), Strin
                     move |cap, info| {
                         let activator = activator_scope.activator_for(info.address.clone());
                         let mut cap = Some(cap);
-                        let mut queue: Vec<String> = Vec::new();
+                        let mut queue = std::collections::BTreeSet::<String>::new();
                         // wave id -> (wave, hits per query slot, replies received)
                         let mut waves: BTreeMap<u64, (Wave, Vec<Vec<ShardHits>>, usize)> = BTreeMap::new();
                         let mut wave_seq = 0u64;
@@ -383,7 +389,7 @@ pub fn run(shared: Arc<JobShared>, timely_args: Vec<String>) -> Result<(), Strin
                             input.for_each(|_time, data| {
                                 for ((id, ()), _t, diff) in data.drain(..) {
                                     if diff > 0 {
-                                        queue.push(id);
+                                        queue.insert(id);
                                     }
                                 }
                             });
@@ -402,7 +408,7 @@ pub fn run(shared: Arc<JobShared>, timely_args: Vec<String>) -> Result<(), Strin
                                     .find(|(_, w)| w.2 == w.1.len() * peers)
                                     .map(|(k, _)| *k)
                             };
-                            let can_start = |waves: &BTreeMap<u64, _>, queue: &Vec<String>| {
+                            let can_start = |waves: &BTreeMap<u64, _>, queue: &std::collections::BTreeSet<String>| {
                                 waves.len() < max_waves
                                     && (queue.len() >= window || (input_done && !queue.is_empty()))
                             };

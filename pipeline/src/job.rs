@@ -169,7 +169,7 @@ pub fn run(cfg: LoadedConfig, opts: RunOptions) -> Result<RunOutcome, PipelineEr
     };
     let indexed = corpus.ids.len() - corpus_failures.len();
     eprintln!(
-        "corpus index: {indexed} images indexed{}{}; {}",
+        "corpus index: {indexed} images indexed{}{}; {} (process peak RSS so far {:.0} MiB)",
         if reused { " (reused from cache)" } else { "" },
         if corpus_failures.is_empty() {
             String::new()
@@ -180,7 +180,8 @@ pub fn run(cfg: LoadedConfig, opts: RunOptions) -> Result<RunOutcome, PipelineEr
             "sharded over the workers"
         } else {
             "replicated on every worker"
-        }
+        },
+        crate::bench::peak_rss_mib()
     );
     for (id, reason) in &corpus_failures {
         eprintln!("  skipped corpus image {id}: {reason}");
@@ -242,6 +243,7 @@ pub fn run(cfg: LoadedConfig, opts: RunOptions) -> Result<RunOutcome, PipelineEr
         dataflow::run(shared.clone(), opts.timely_args.clone()).map_err(PipelineError::Dataflow)?;
     }
     shared.progress.finish();
+    let peak_after_dataflow = crate::bench::peak_rss_mib();
     report_worker_stats(
         &runtime,
         &staging,
@@ -286,6 +288,11 @@ pub fn run(cfg: LoadedConfig, opts: RunOptions) -> Result<RunOutcome, PipelineEr
             wall_seconds: start.elapsed().as_secs_f64(),
         },
     ))?;
+    eprintln!(
+        "memory: process peak RSS {:.0} MiB after the dataflow, {:.0} MiB after finalize",
+        peak_after_dataflow,
+        crate::bench::peak_rss_mib()
+    );
     Ok(RunOutcome::Finished {
         manifest,
         new_targets: todo,
