@@ -16,6 +16,7 @@
 pub mod device;
 pub mod embedder;
 pub mod generator;
+pub mod hf;
 pub mod image_io;
 pub mod preprocess;
 pub mod roles;
