@@ -15,8 +15,8 @@
 
 pub mod device;
 pub mod embedder;
+pub mod encoders;
 pub mod generator;
-pub mod hf;
 pub mod image_io;
 pub mod preprocess;
 pub mod roles;
