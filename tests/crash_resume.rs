@@ -1,7 +1,7 @@
 //! Crash safety (issue 6): a 2-process cluster is killed with SIGKILL at
 //! six moments — two random times, after a part is written but before its
-//! commit record, right after a commit record, after the data files of the
-//! finalize step, and after its card but before the manifest — and rerun
+//! commit record, right after a commit record, after the first data file of
+//! the finalize step, and after its card but before the manifest — and rerun
 //! each time. The final dataset must hold every (target, round) exactly
 //! once, every Parquet file must read, no unlisted data file may remain,
 //! and the rows must equal those of an uninterrupted run.
@@ -253,7 +253,7 @@ fn sigkill_at_six_moments_then_resume_gives_each_target_round_once() {
         ("part written, commit record not", Some("part-written")),
         ("random time", None),
         ("right after a commit record", Some("commit-written")),
-        ("finalize: data files written", Some("finalize-data")),
+        ("finalize: first data file written", Some("finalize-data")),
         (
             "finalize: card written, manifest not",
             Some("finalize-card"),
@@ -299,6 +299,14 @@ fn sigkill_at_six_moments_then_resume_gives_each_target_round_once() {
             !out.join("manifest.json").exists() || what.contains("random"),
             "a dataset killed before its manifest must not look finished"
         );
+        if pause.is_some_and(|(point, _)| point == "finalize-data") {
+            // killed mid-finalize: some data files, no card yet
+            let files = std::fs::read_dir(out.join("data")).unwrap().count();
+            assert!(
+                files >= 1 && !out.join("README.md").exists(),
+                "finalize-data is after the first data file, before the card"
+            );
+        }
     }
     // the same command again completes the dataset
     let c = start(&config, &out, None, tmp.path());

@@ -18,8 +18,11 @@ use bytes::Bytes;
 use mirgen_schemas::{
     card::{render_card, CardInput},
     manifest::MANIFEST_FORMAT,
-    records_from_parquet, records_to_parquet, Manifest, PartCommit, Record, RecordStatus, RunStats,
+    record::writer_properties,
+    record_schema, records_from_parquet, records_to_batch, records_to_parquet, Manifest,
+    PartCommit, Record, RecordStatus, RunStats,
 };
+use parquet::arrow::ArrowWriter;
 use sha2::{Digest, Sha256};
 
 use crate::store::Location;
@@ -209,6 +212,130 @@ pub async fn read_dataset(loc: &Location) -> Result<(Manifest, Vec<Record>), Pip
     Ok((manifest, rows))
 }
 
+/// The stats of `finalize`, counted while the rows stream past: the same
+/// numbers as [`crate::eval::evaluate`] (ChatIR's definition, every target in
+/// the denominator, a failed row is a miss) with memory per round, not per
+/// row. A target's rows must arrive together (they do: each target has one
+/// home part, read sorted by (target, round)).
+struct HitCounts {
+    rounds: usize,
+    /// Targets whose first hit at K = 1, 5, 10 came at round <= t.
+    cumulative: [Vec<usize>; 3],
+    /// Targets with a hit at K = 10 at round t.
+    per_round_10: Vec<usize>,
+    targets: usize,
+    failed_rows: usize,
+    failed_targets: usize,
+    current: Option<(String, Vec<Option<i64>>, bool)>,
+}
+
+impl HitCounts {
+    const KS: [i64; 3] = [1, 5, 10];
+
+    fn new(rounds: usize) -> Self {
+        HitCounts {
+            rounds,
+            cumulative: std::array::from_fn(|_| vec![0; rounds]),
+            per_round_10: vec![0; rounds],
+            targets: 0,
+            failed_rows: 0,
+            failed_targets: 0,
+            current: None,
+        }
+    }
+
+    fn add(&mut self, r: &Record) {
+        if self
+            .current
+            .as_ref()
+            .is_none_or(|(t, _, _)| *t != r.target_id)
+        {
+            self.end_target();
+            self.current = Some((r.target_id.clone(), vec![None; self.rounds], false));
+        }
+        let (_, ranks, failed) = self.current.as_mut().expect("set above");
+        if let Some(slot) = usize::try_from(r.round).ok().and_then(|t| ranks.get_mut(t)) {
+            *slot = r.target_rank;
+        }
+        if r.status == RecordStatus::Failed {
+            self.failed_rows += 1;
+            *failed = true;
+        }
+    }
+
+    fn end_target(&mut self) {
+        let Some((_, ranks, failed)) = self.current.take() else {
+            return;
+        };
+        self.targets += 1;
+        self.failed_targets += usize::from(failed);
+        for (counts, k) in self.cumulative.iter_mut().zip(Self::KS) {
+            if let Some(first) = ranks.iter().position(|r| r.is_some_and(|r| r < k)) {
+                counts[first..].iter_mut().for_each(|c| *c += 1);
+            }
+        }
+        for (c, r) in self.per_round_10.iter_mut().zip(&ranks) {
+            *c += usize::from(r.is_some_and(|r| r < 10));
+        }
+    }
+
+    fn percent(&self, counts: &[usize]) -> Vec<f64> {
+        if self.targets == 0 {
+            return vec![];
+        }
+        let n = self.targets as f64;
+        counts.iter().map(|&c| 100.0 * c as f64 / n).collect()
+    }
+}
+
+/// A data file being encoded: rows are encoded one row group at a time, so
+/// only the encoded file and one row group of records are in memory.
+struct DataFile {
+    writer: ArrowWriter<Vec<u8>>,
+    pending: Vec<Record>,
+    row_group_rows: usize,
+    rows: usize,
+}
+
+impl DataFile {
+    fn new(row_group_rows: usize) -> Result<Self, PipelineError> {
+        let row_group_rows = row_group_rows.max(1);
+        Ok(DataFile {
+            writer: ArrowWriter::try_new(
+                Vec::new(),
+                record_schema(),
+                Some(writer_properties(row_group_rows)),
+            )?,
+            pending: Vec::with_capacity(row_group_rows),
+            row_group_rows,
+            rows: 0,
+        })
+    }
+
+    fn push(&mut self, r: Record) -> Result<(), PipelineError> {
+        self.pending.push(r);
+        self.rows += 1;
+        if self.pending.len() >= self.row_group_rows {
+            self.write_pending()?;
+        }
+        Ok(())
+    }
+
+    fn write_pending(&mut self) -> Result<(), PipelineError> {
+        if !self.pending.is_empty() {
+            self.writer.write(&records_to_batch(&self.pending)?)?;
+            self.pending.clear();
+        }
+        Ok(())
+    }
+
+    /// The complete Parquet file.
+    fn finish(mut self) -> Result<Vec<u8>, PipelineError> {
+        self.write_pending()?;
+        Ok(self.writer.into_inner()?)
+    }
+}
+
 /// Everything `finalize` writes besides the rows.
 pub struct FinalizeInput<'a> {
     pub config_hash: &'a str,
@@ -229,8 +356,9 @@ pub struct FinalizeInput<'a> {
 }
 
 /// Writes the Hugging Face layout from the committed parts of `targets`,
-/// streaming: one part and at most one data file's rows are in memory at a
-/// time (plus each row's rank for the stats). Data files are written first,
+/// streaming: one part, one data file (encoded) and one row group of records
+/// are in memory at a time, and the stats are counted as the rows pass (per
+/// round, not per row). Parts are read in key order. Data files are written first,
 /// then README.md and stats.json, and manifest.json last. Fails if a target
 /// is not committed.
 pub async fn finalize(
@@ -263,16 +391,20 @@ pub async fn finalize(
     let n_shards = total_rows.div_ceil(input.shard_rows).max(1);
     let mut data_files = Vec::with_capacity(n_shards);
     let mut data_bytes = 0u64;
-    let mut buffer: Vec<Record> = Vec::with_capacity(input.shard_rows);
-    let mut ranks = Vec::with_capacity(total_rows);
-    let (mut failed_rows, mut failed_targets, mut rows_seen) = (0usize, BTreeSet::new(), 0usize);
-    let flush = |buffer: &mut Vec<Record>, data_files: &mut Vec<String>| {
+    let mut file: Option<DataFile> = None;
+    let mut hits = HitCounts::new(rounds_per_target);
+    let mut rows_seen = 0usize;
+    // puts a finished data file under the next shard name
+    let put_next = |bytes: Vec<u8>, data_files: &mut Vec<String>| {
         let i = data_files.len();
         let key = format!("data/train-{i:05}-of-{n_shards:05}.parquet");
         data_files.push(key.clone());
-        let file = records_to_parquet(buffer, input.row_group_rows);
-        buffer.clear();
-        (key, file)
+        async move {
+            let len = bytes.len() as u64;
+            out.loc.put(&key, bytes).await?;
+            crate::failpoint::pause("finalize-data");
+            Ok::<u64, PipelineError>(len)
+        }
     };
     for (part, wanted) in &parts {
         let mut rows: Vec<Record> = records_from_parquet(out.loc.get(part).await?)?
@@ -282,21 +414,15 @@ pub async fn finalize(
         rows.sort_by(|a, b| (&a.target_id, a.round).cmp(&(&b.target_id, b.round)));
         for r in rows {
             rows_seen += 1;
-            ranks.push(crate::eval::RankRow {
-                target_id: r.target_id.clone(),
-                round: r.round,
-                rank: r.target_rank,
-            });
-            if r.status == RecordStatus::Failed {
-                failed_rows += 1;
-                failed_targets.insert(r.target_id.clone());
-            }
-            buffer.push(r);
-            if buffer.len() == input.shard_rows && data_files.len() + 1 < n_shards {
-                let (key, file) = flush(&mut buffer, &mut data_files);
-                let file = file?;
-                data_bytes += file.len() as u64;
-                out.loc.put(&key, file).await?;
+            hits.add(&r);
+            let f = match &mut file {
+                Some(f) => f,
+                None => file.insert(DataFile::new(input.row_group_rows)?),
+            };
+            f.push(r)?;
+            if f.rows == input.shard_rows && data_files.len() + 1 < n_shards {
+                let bytes = file.take().expect("a file is open").finish()?;
+                data_bytes += put_next(bytes, &mut data_files).await?;
             }
         }
     }
@@ -307,28 +433,28 @@ pub async fn finalize(
             targets.len()
         )));
     }
-    let (key, file) = flush(&mut buffer, &mut data_files);
-    let file = file?;
-    data_bytes += file.len() as u64;
-    out.loc.put(&key, file).await?;
+    let last = match file {
+        Some(f) => f,
+        None => DataFile::new(input.row_group_rows)?,
+    };
+    data_bytes += put_next(last.finish()?, &mut data_files).await?;
     for (key, _) in out.loc.list("data").await? {
         if !data_files.contains(&key) {
             out.loc.delete(&key).await?;
         }
     }
-    let mut k10 = crate::eval::evaluate("", &ranks, &[10]);
-    let mut at = crate::eval::evaluate("", &ranks, &[1, 5]).cumulative;
+    hits.end_target();
     let stats = RunStats {
         targets: targets.len(),
         rows: rows_seen,
-        failed_rows,
-        failed_targets: failed_targets.len(),
+        failed_rows: hits.failed_rows,
+        failed_targets: hits.failed_targets,
         corpus_size: input.corpus_size,
         corpus_failures: input.corpus_failures,
-        cumulative_hits_at_10: k10.cumulative.remove(&10).unwrap_or_default(),
-        per_round_hits_at_10: k10.per_round.remove(&10).unwrap_or_default(),
-        cumulative_hits_at_1: at.remove(&1).unwrap_or_default(),
-        cumulative_hits_at_5: at.remove(&5).unwrap_or_default(),
+        cumulative_hits_at_10: hits.percent(&hits.cumulative[2]),
+        per_round_hits_at_10: hits.percent(&hits.per_round_10),
+        cumulative_hits_at_1: hits.percent(&hits.cumulative[0]),
+        cumulative_hits_at_5: hits.percent(&hits.cumulative[1]),
         data_bytes,
         wall_seconds: input.wall_seconds,
     };
@@ -355,7 +481,6 @@ pub async fn finalize(
         smoke_test: input.smoke_test,
         prompts: &input.prompts,
     });
-    crate::failpoint::pause("finalize-data");
     out.loc.put("README.md", card.into_bytes()).await?;
     out.loc
         .put("stats.json", serde_json::to_vec_pretty(&manifest.stats)?)
@@ -398,5 +523,48 @@ mod tests {
         let third = 100.0 / 3.0;
         assert_eq!(cum, vec![third, 2.0 * third, 2.0 * third]);
         assert_eq!(per, vec![third, third, third]);
+    }
+
+    #[test]
+    fn streamed_hit_counts_equal_evaluate() {
+        // 7 targets x 4 rounds, ranks spread over 0..40, some failed rows
+        let mut rows = Vec::new();
+        for t in 0..7 {
+            for round in 0..4 {
+                let mut r = row(&format!("t{t}"), round, false);
+                let x = (t * 13 + round * 7) % 40;
+                r.target_rank = Some(x as i64);
+                if (t + round) % 5 == 0 {
+                    r = Record::failed(&format!("t{t}"), round, 0, "boom".into());
+                }
+                rows.push(r);
+            }
+        }
+        let mut hits = HitCounts::new(4);
+        rows.iter().for_each(|r| hits.add(r));
+        hits.end_target();
+        let ranks = rank_rows(&rows);
+        let mut k = crate::eval::evaluate("", &ranks, &[1, 5, 10]);
+        assert_eq!(
+            hits.percent(&hits.cumulative[0]),
+            k.cumulative.remove(&1).unwrap()
+        );
+        assert_eq!(
+            hits.percent(&hits.cumulative[1]),
+            k.cumulative.remove(&5).unwrap()
+        );
+        assert_eq!(
+            hits.percent(&hits.cumulative[2]),
+            k.cumulative.remove(&10).unwrap()
+        );
+        assert_eq!(
+            hits.percent(&hits.per_round_10),
+            k.per_round.remove(&10).unwrap()
+        );
+        let failed = rows.iter().filter(|r| r.status == RecordStatus::Failed);
+        assert_eq!(hits.failed_rows, failed.clone().count());
+        let mut ft: Vec<_> = failed.map(|r| &r.target_id).collect();
+        ft.dedup();
+        assert_eq!((hits.targets, hits.failed_targets), (7, ft.len()));
     }
 }

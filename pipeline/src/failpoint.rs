@@ -3,8 +3,9 @@
 //! (default 1) at `<point>` print `mirgen: paused at <point>` to stderr and
 //! sleep forever. Points: `part-written` (a wave's Parquet part is stored,
 //! its commit record not yet), `commit-written` (right after a commit
-//! record), `finalize-data` (data files written, card/stats/manifest not),
-//! `finalize-card` (card and stats written, manifest not). Unset: no effect.
+//! record), `finalize-data` (the first data file written, the others and
+//! card/stats/manifest not), `finalize-card` (data files, card and stats
+//! written, manifest not). Unset (always, outside tests): no effect.
 
 use std::io::Write;
 use std::sync::atomic::{AtomicUsize, Ordering};

@@ -126,7 +126,7 @@ pub fn run(cfg: LoadedConfig, opts: RunOptions) -> Result<RunOutcome, PipelineEr
         corpus.ids.len(),
         committed_ids.len(),
         todo,
-        if cfg.smoke_test() { "\nNOTE: smoke-test models (tiny presets with random weights): the text is noise and the images draw nothing" } else { "" }
+        if cfg.smoke_test() { "\nNOTE: smoke-test models (tiny presets with random weights, or simulation stand-ins that are no model at all): the text is noise and the images draw nothing" } else { "" }
     );
 
     // the corpus index (cached in the output store per embedder + corpus listing)

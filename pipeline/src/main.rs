@@ -576,7 +576,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
                 println!("cumulative Hits@10: round 0 {first:.1}% -> round {} {last:.1}%", m.rounds);
             }
             if m.models.values().any(|v| v["smoke_test"] == true) {
-                println!("NOTE: smoke-test models with random weights: this dataset shows the format, not real retrieval.");
+                println!("NOTE: smoke-test models (random weights, or simulation stand-ins that are no model): this dataset shows the format, not real retrieval.");
             }
         }
         RunOutcome::ShareDone { new_targets } => println!(

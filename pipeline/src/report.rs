@@ -66,7 +66,7 @@ pub fn write_report(
         t = esc(title)
     );
     if smoke {
-        h.push_str("<p class=\"warn\"><b>Smoke-test dataset:</b> the models are tiny presets with random weights; the text is noise and the drawings depict nothing.</p>\n");
+        h.push_str("<p class=\"warn\"><b>Smoke-test dataset:</b> the models are tiny presets with random weights or simulation stand-ins (no model at all); the text is noise and the drawings depict nothing.</p>\n");
     }
     let s = &manifest.stats;
     let _ = writeln!(

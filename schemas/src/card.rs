@@ -13,7 +13,7 @@ pub struct CardInput<'a> {
     pub license: &'a str,
     /// Free text about where the corpus images come from and their licences.
     pub corpus_note: &'a str,
-    /// True when any model is a smoke-test preset with random weights.
+    /// True when any model is a smoke-test preset with random weights or a simulation stand-in.
     pub smoke_test: bool,
     /// The prompt templates (name -> text) used by the VLM.
     pub prompts: &'a [(String, String)],
@@ -111,7 +111,7 @@ pub fn render_card(input: &CardInput) -> String {
     if input.smoke_test {
         out.push_str(
             "> **Smoke-test dataset.** At least one model of this run is a `tiny` preset with \
-             random weights: its queries and comparisons are noise and its images are not \
+             random weights or a `simulation` stand-in (hashed outputs, no model at all): its queries and comparisons are noise and its images are not \
              drawings of anything. It shows the format and the pipeline, not a usable benchmark.\n\n",
         );
     }
