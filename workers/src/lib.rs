@@ -153,7 +153,17 @@ pub trait ImageGenerator: Send {
 /// A retrieval encoder mapping images and texts into one space of unit vectors.
 pub trait Embedder: Send {
     fn info(&self) -> ModelInfo;
+    /// Length of one vector (a text embedding; one of an image's vectors).
     fn dim(&self) -> usize;
+    /// Vectors per image embedding: 1 for single-vector encoders (CLIP,
+    /// SigLIP, BLIP); BLIP-2 keeps one per Q-Former query token. An image
+    /// embedding from [`Embedder::embed_images`] is these vectors
+    /// concatenated (`vectors_per_image() * dim()` floats, each vector unit
+    /// norm), and its similarity to another embedding is the maximum inner
+    /// product over all pairs of their vectors (BLIP-2's "max over queries").
+    fn vectors_per_image(&self) -> usize {
+        1
+    }
     fn embed_images(&mut self, images: &[&RgbImage]) -> Result<Vec<Vec<f32>>>;
     fn embed_texts(&mut self, texts: &[String]) -> Result<Vec<Vec<f32>>>;
 }
