@@ -117,6 +117,7 @@ pub fn run(cfg: LoadedConfig, opts: RunOptions) -> Result<RunOutcome, PipelineEr
         .filter(|t| target_set.contains(t))
         .cloned()
         .collect();
+    drop(committed); // finalize reads the records again; keep no per-target map meanwhile
     let todo = targets.len() - committed_ids.len();
     let rounds_per_target = cfg.config.run.rounds as usize + 1;
     eprintln!(
