@@ -1107,3 +1107,181 @@ fn index_command_builds_once_reports_bad_images_and_run_reuses_it() {
         .filter(|r| r.target_id == "broken.jpg")
         .all(|r| r.status == RecordStatus::Failed));
 }
+
+fn encoder_fixture(arch: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../workers/tests/fixtures/encoders")
+        .join(arch)
+}
+
+/// max |a - b| / max |b| over two equally long lists.
+fn rel_err(ours: &[f32], reference: &[f32]) -> f32 {
+    assert_eq!(ours.len(), reference.len(), "embedding sizes differ");
+    let diff = ours
+        .iter()
+        .zip(reference)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
+    diff / reference.iter().map(|b| b.abs()).fold(0f32, f32::max)
+}
+
+fn json_floats(v: &serde_json::Value) -> Vec<f32> {
+    match v {
+        serde_json::Value::Array(items) => items.iter().flat_map(json_floats).collect(),
+        x => vec![x.as_f64().expect("a number") as f32],
+    }
+}
+
+#[test]
+fn embed_command_prints_the_transformers_embeddings_of_each_checkpoint() {
+    let images = encoder_fixture("images");
+    let mut checked = 0;
+    for arch in ["clip", "siglip", "blip", "blip2"] {
+        let dir = encoder_fixture(arch);
+        let golden = candle_core::safetensors::load(
+            dir.join("golden.safetensors"),
+            &candle_core::Device::Cpu,
+        )
+        .unwrap();
+        let meta: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(dir.join("golden.json")).unwrap()).unwrap();
+        let text = meta["texts"][1].as_str().unwrap();
+        let out = mirgen_ok(&[
+            "embed",
+            "--device",
+            "cpu",
+            "--model",
+            dir.to_str().unwrap(),
+            "--image",
+            images.join("rocket.png").to_str().unwrap(),
+            "--text",
+            text,
+        ]);
+        let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert_eq!(lines.len(), 2, "{arch}: one line per input");
+        assert_eq!(lines[0]["kind"], "image");
+        assert_eq!(lines[1]["kind"], "text");
+        assert_eq!(lines[1]["input"], text);
+        // golden row 1 is rocket.png and texts[1]
+        let image_golden = golden["image_embeds"].get(1).unwrap();
+        let text_golden = golden["text_embeds"].get(1).unwrap();
+        let image_golden: Vec<f32> = image_golden.flatten_all().unwrap().to_vec1().unwrap();
+        let text_golden: Vec<f32> = text_golden.to_vec1().unwrap();
+        let (ei, et) = (
+            rel_err(&json_floats(&lines[0]["embedding"]), &image_golden),
+            rel_err(&json_floats(&lines[1]["embedding"]), &text_golden),
+        );
+        assert!(
+            ei < 1e-4 && et < 1e-4,
+            "{arch}: image rel. err. {ei}, text {et}"
+        );
+        if arch == "blip2" {
+            // one vector per query token
+            assert_eq!(
+                lines[0]["embedding"].as_array().unwrap().len(),
+                golden["image_embeds"].dims()[1]
+            );
+        }
+        checked += 1;
+    }
+    assert_eq!(checked, 4);
+    // a bad input is a JSON error line and a failing status, the rest still printed
+    let out = mirgen(&[
+        "embed",
+        "--model",
+        encoder_fixture("clip").to_str().unwrap(),
+        "--image",
+        "/nonexistent/x.png",
+        "--text",
+        "still embedded",
+    ]);
+    assert!(!out.status.success());
+    let so = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        so.contains("\"error\"") && so.contains("/nonexistent/x.png"),
+        "{so}"
+    );
+    assert!(so.contains("still embedded"), "{so}");
+    // a folder that is not a checkpoint names the missing file
+    let out = mirgen(&["embed", "--model", images.to_str().unwrap(), "--text", "x"]);
+    assert!(!out.status.success());
+    let se = String::from_utf8_lossy(&out.stderr);
+    assert!(se.contains("config.json"), "{se}");
+}
+
+#[test]
+fn a_run_ranks_the_corpus_with_a_hugging_face_checkpoint() {
+    for arch in ["clip", "blip2"] {
+        let tmp = tempfile::tempdir().unwrap();
+        let corpus = tmp.path().join("corpus");
+        make_corpus(&corpus, 6);
+        let fixture = encoder_fixture(arch);
+        // the checkpoint as a folder next to the config: a relative `model`
+        copy_dir(&fixture, &tmp.path().join("encoder"));
+        let config = write_config(tmp.path(), &corpus, 1, "");
+        let text = std::fs::read_to_string(&config).unwrap().replace(
+            "[models.embedder]\npreset = \"tiny\"",
+            "[models.embedder]\nmodel = \"encoder\"",
+        );
+        let text = text
+            .replace(
+                "[models.vlm]\npreset = \"tiny\"",
+                "[models.vlm]\npreset = \"simulation\"",
+            )
+            .replace(
+                "[models.generator]\npreset = \"tiny\"",
+                "[models.generator]\npreset = \"simulation\"",
+            );
+        std::fs::write(&config, text).unwrap();
+        let out = tmp.path().join("out");
+        run_job(&config, &out, 2);
+        let (manifest, rows) = read_dataset(&out);
+        assert_each_target_round_once(&rows, 6, 1);
+        let manifest = serde_json::to_value(&manifest).unwrap();
+        let expected_arch = if arch == "blip2" { "blip-2" } else { arch };
+        assert_eq!(
+            manifest["models"]["embedder"]["architecture"], expected_arch,
+            "{manifest}"
+        );
+        // every retrieved score is the similarity of the drawing and the corpus
+        // image under the checkpoint (max over query-vector pairs for BLIP-2)
+        let mut enc = mirgen_workers::encoders::load_embedder(
+            fixture.to_str().unwrap(),
+            &candle_core::Device::Cpu,
+        )
+        .unwrap();
+        let unit = enc.dim();
+        for r in &rows {
+            assert_eq!(r.status, RecordStatus::Ok, "{:?}", r.error);
+            let drawing = r.synthetic_image.as_ref().unwrap();
+            let drawing = mirgen_workers::image_io::decode_rgb("drawing", &drawing.bytes).unwrap();
+            let q = enc.embed_images(&[&drawing]).unwrap().remove(0);
+            let best = &r.retrieved_ids[0];
+            let img = mirgen_workers::image_io::decode_rgb(
+                best,
+                &std::fs::read(corpus.join(best)).unwrap(),
+            )
+            .unwrap();
+            let c = enc.embed_images(&[&img]).unwrap().remove(0);
+            let s = mirgen::index::similarity(&c, &q, unit);
+            assert!(
+                (s - r.retrieved_scores[0]).abs() < 1e-5,
+                "{arch}: score {} recorded, {s} recomputed",
+                r.retrieved_scores[0]
+            );
+            assert!(r.retrieved_scores.windows(2).all(|w| w[0] >= w[1]));
+            assert!(r.target_rank.is_some());
+        }
+    }
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+    }
+}

@@ -173,8 +173,30 @@ impl GeneratorConfig {
 #[serde(deny_unknown_fields)]
 pub struct EmbedderConfig {
     /// `tiny`: smoke-test CLIP with random weights; `simulation`: no model,
-    /// hashed unit vectors (pipeline tests).
-    pub preset: String,
+    /// hashed unit vectors (pipeline tests). Give either `preset` or `model`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub preset: Option<String>,
+    /// A retrieval checkpoint in the Hugging Face layout: a folder (relative
+    /// to this config file) or a Hub id `owner/name[@revision]` (downloaded
+    /// into the Hugging Face cache; pin a revision so reruns embed alike).
+    /// Architectures: CLIP, SigLIP, BLIP (ITC) and BLIP-2 (ITC), picked by
+    /// `config.json`'s `model_type`. Try one with `mirgen embed --model ...`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model: Option<String>,
+    /// `model` with a relative folder resolved against the config's folder
+    /// (filled in when the config is loaded; not part of the config hash).
+    #[serde(skip)]
+    pub resolved_model: Option<String>,
+}
+
+impl EmbedderConfig {
+    /// The preset name, or `model` for a checkpoint.
+    pub fn kind(&self) -> &str {
+        match (&self.preset, &self.model) {
+            (Some(p), _) => p,
+            _ => "model",
+        }
+    }
 }
 
 /// How records are stored.
@@ -307,10 +329,39 @@ impl LoadedConfig {
         if config.run.top_k == 0 {
             return Err(invalid("run.top_k must be at least 1".into()));
         }
+        let mut config = config;
+        let embedder = &mut config.models.embedder;
+        match (&embedder.preset, &embedder.model) {
+            (Some(_), Some(_)) => {
+                return Err(invalid(
+                    "models.embedder: give either `preset` (tiny, simulation) or `model` (a Hugging Face folder or hub id), not both".into(),
+                ))
+            }
+            (None, None) => {
+                return Err(invalid(
+                    "models.embedder: missing `preset` (tiny, simulation) or `model` (a Hugging Face folder or hub id such as \"Salesforce/blip-itm-base-coco\")".into(),
+                ))
+            }
+            (None, Some(m)) => {
+                let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
+                let local = base.join(m);
+                embedder.resolved_model = Some(
+                    if !Path::new(m).is_absolute() && !m.starts_with("hf:") && local.exists() {
+                        local.display().to_string()
+                    } else {
+                        m.clone()
+                    },
+                );
+            }
+            (Some(_), None) => {}
+        }
         for (role, preset) in [
-            ("models.vlm", &config.models.vlm.preset),
-            ("models.generator", &config.models.generator.preset),
-            ("models.embedder", &config.models.embedder.preset),
+            ("models.vlm", config.models.vlm.preset.as_str()),
+            ("models.generator", config.models.generator.preset.as_str()),
+            (
+                "models.embedder",
+                config.models.embedder.preset.as_deref().unwrap_or("tiny"),
+            ),
         ] {
             if preset != "tiny" && preset != "simulation" {
                 return Err(invalid(format!(
@@ -340,7 +391,7 @@ impl LoadedConfig {
     /// True when any model is a smoke-test preset.
     pub fn smoke_test(&self) -> bool {
         let m = &self.config.models;
-        [&m.vlm.preset, &m.generator.preset, &m.embedder.preset]
+        [&m.vlm.preset, &m.generator.preset, m.embedder.kind()]
             .iter()
             .any(|p| *p == "tiny" || *p == "simulation")
     }
@@ -375,6 +426,50 @@ preset = "tiny"
         assert_eq!(c.resolve("imgs"), "/x/imgs");
         assert_eq!(c.resolve("s3://b/p"), "s3://b/p");
         assert!(c.smoke_test());
+    }
+
+    #[test]
+    fn embedder_is_a_preset_or_a_checkpoint() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("blip")).unwrap();
+        let path = dir.path().join("job.toml");
+        let with = |embedder: &str| {
+            MINIMAL.replacen(
+                "[models.embedder]\npreset = \"tiny\"",
+                &format!("[models.embedder]\n{embedder}"),
+                1,
+            )
+        };
+        // a folder next to the config resolves against the config's folder
+        let c = LoadedConfig::parse(&with("model = \"blip\""), &path).unwrap();
+        let e = &c.config.models.embedder;
+        assert_eq!(
+            e.resolved_model.as_deref(),
+            Some(dir.path().join("blip").to_str().unwrap())
+        );
+        assert_eq!(e.kind(), "model");
+        // a hub id stays as written
+        let c = LoadedConfig::parse(
+            &with("model = \"Salesforce/blip-itm-base-coco@main\""),
+            &path,
+        )
+        .unwrap();
+        assert_eq!(
+            c.config.models.embedder.resolved_model.as_deref(),
+            Some("Salesforce/blip-itm-base-coco@main")
+        );
+        // the hash input of a preset config is unchanged by the new fields
+        let c = LoadedConfig::parse(MINIMAL, &path).unwrap();
+        assert_eq!(
+            serde_json::to_value(&c.config.models.embedder).unwrap(),
+            serde_json::json!({"preset": "tiny"})
+        );
+        for bad in ["model = \"blip\"\npreset = \"tiny\"", ""] {
+            let e = LoadedConfig::parse(&with(bad), &path)
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("models.embedder") && e.contains("model"), "{e}");
+        }
     }
 
     #[test]

@@ -23,9 +23,32 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
     a.iter().zip(b).map(|(x, y)| x * y).sum()
 }
 
+/// Similarity of two embeddings made of `unit`-float vectors: the inner
+/// product for single vectors, else the maximum inner product over all
+/// pairs of their vectors (BLIP-2: an image is one vector per query token;
+/// text to image is the max over the image's queries, as in
+/// `Blip2ForImageTextRetrieval`, and image to image the max over pairs).
+pub fn similarity(a: &[f32], b: &[f32], unit: usize) -> f32 {
+    if a.len() == b.len() && (a.len() == unit || unit == 0) {
+        return dot(a, b);
+    }
+    let unit = unit.max(1);
+    let mut best = f32::NEG_INFINITY;
+    for x in a.chunks_exact(unit) {
+        for y in b.chunks_exact(unit) {
+            best = best.max(dot(x, y));
+        }
+    }
+    best
+}
+
 pub struct CorpusIndex {
     pub ids: Vec<String>,
+    /// Floats per image (`unit` x vectors per image).
     pub dim: usize,
+    /// Floats per vector (see [`similarity`]); equals `dim` for
+    /// single-vector encoders.
+    pub unit: usize,
     /// Row-major `ids.len() x dim`.
     pub vectors: Vec<f32>,
     /// Corpus images that could not be decoded (id -> reason); not indexed.
@@ -57,10 +80,18 @@ impl CorpusIndex {
         CorpusIndex {
             ids,
             dim,
+            unit: dim,
             vectors,
             failures,
             position,
         }
+    }
+
+    /// Marks each image's `dim` floats as vectors of `unit` floats
+    /// (multi-vector encoders such as BLIP-2).
+    pub fn with_unit(mut self, unit: usize) -> Self {
+        self.unit = unit.max(1);
+        self
     }
 
     pub fn len(&self) -> usize {
@@ -79,7 +110,7 @@ impl CorpusIndex {
     pub fn scores(&self, query: &[f32]) -> Vec<f32> {
         self.vectors
             .chunks_exact(self.dim)
-            .map(|row| dot(row, query))
+            .map(|row| similarity(row, query, self.unit))
             .collect()
     }
 
@@ -156,7 +187,9 @@ impl CorpusIndex {
             .await?;
         }
         let failures = meta.failures(cache).await?;
-        Ok(Some(CorpusIndex::new(ids, meta.dim, vectors, failures)))
+        Ok(Some(
+            CorpusIndex::new(ids, meta.row_len(), vectors, failures).with_unit(meta.dim),
+        ))
     }
 
     /// Loads the cached index for this embedder and corpus, or builds it here
@@ -183,7 +216,15 @@ impl CorpusIndex {
             on_progress,
         )
         .await?;
-        finish_index(cache, &key, corpus, &embedder.info(), embedder.dim()).await?;
+        finish_index(
+            cache,
+            &key,
+            corpus,
+            &embedder.info(),
+            embedder.dim(),
+            embedder.vectors_per_image(),
+        )
+        .await?;
         let index = Self::load(cache, &key).await?.ok_or_else(|| {
             PipelineError::Input(format!("index {key} vanished while it was written"))
         })?;
@@ -203,7 +244,11 @@ pub struct IndexMeta {
     /// The encoder: architecture, source (preset, folder or hub id@revision)
     /// and the fingerprint of its weights and preprocessing.
     pub encoder: mirgen_workers::ModelInfo,
+    /// Floats per vector.
     pub dim: usize,
+    /// Vectors per image (1, or BLIP-2's query tokens; see [`similarity`]).
+    #[serde(default = "one")]
+    pub vectors_per_image: usize,
     /// Corpus images listed, indexed, and unreadable.
     pub corpus_size: usize,
     pub indexed: usize,
@@ -214,6 +259,10 @@ pub struct IndexMeta {
 }
 
 const INDEX_FORMAT: &str = "mirgen-index/1";
+
+fn one() -> usize {
+    1
+}
 
 fn chunk_key(key: &str, c: usize) -> String {
     format!("index/{key}/chunk-{c:05}.parquet")
@@ -228,6 +277,11 @@ fn meta_key(key: &str) -> String {
 }
 
 impl IndexMeta {
+    /// Floats per indexed image.
+    pub fn row_len(&self) -> usize {
+        self.dim * self.vectors_per_image.max(1)
+    }
+
     pub async fn load(cache: &Location, key: &str) -> Result<Option<Self>, PipelineError> {
         match cache.get_opt(&meta_key(key)).await? {
             Some(b) => Ok(Some(serde_json::from_slice(&b).map_err(|e| {
@@ -399,7 +453,12 @@ pub async fn build_chunks(
         cache
             .put(
                 &chunk_key(key, c),
-                chunk_parquet(&positions, &ids, &vectors, embedder.dim())?,
+                chunk_parquet(
+                    &positions,
+                    &ids,
+                    &vectors,
+                    embedder.dim() * embedder.vectors_per_image(),
+                )?,
             )
             .await?;
     }
@@ -413,6 +472,7 @@ pub async fn finish_index(
     corpus: &Corpus,
     encoder: &mirgen_workers::ModelInfo,
     dim: usize,
+    vectors_per_image: usize,
 ) -> Result<Option<IndexMeta>, PipelineError> {
     let n_chunks = corpus.ids.len().div_ceil(INDEX_CHUNK);
     let existing: std::collections::BTreeSet<String> = cache
@@ -429,6 +489,7 @@ pub async fn finish_index(
         key: key.into(),
         encoder: encoder.clone(),
         dim,
+        vectors_per_image,
         corpus_size: corpus.ids.len(),
         indexed: 0,
         failed: 0,
@@ -454,7 +515,10 @@ pub async fn finish_index(
 pub struct IndexShard {
     pub shard: usize,
     pub n_shards: usize,
+    /// Floats per image.
     pub dim: usize,
+    /// Floats per vector (see [`similarity`]).
+    pub unit: usize,
     ids: Vec<String>,
     /// Corpus position of each row (ties are broken by it, as in [`CorpusIndex`]).
     positions: Vec<u64>,
@@ -482,6 +546,7 @@ impl IndexShard {
         owns: impl Fn(&str) -> bool,
     ) -> Self {
         let mut s = IndexShard::empty(shard, n_shards, index.dim);
+        s.unit = index.unit;
         for (pos, id) in index.ids.iter().enumerate() {
             let v = &index.vectors[pos * index.dim..(pos + 1) * index.dim];
             s.add(pos as u64, id, v, &owns);
@@ -495,6 +560,7 @@ impl IndexShard {
             shard,
             n_shards: n_shards.max(1),
             dim,
+            unit: dim,
             ids: vec![],
             positions: vec![],
             vectors: vec![],
@@ -528,7 +594,8 @@ impl IndexShard {
                 cache.display
             ))
         })?;
-        let mut s = IndexShard::empty(shard, n_shards, meta.dim);
+        let mut s = IndexShard::empty(shard, n_shards, meta.row_len());
+        s.unit = meta.dim;
         for c in 0..meta.chunks {
             read_chunk(cache, key, c, |pos, id, v| s.add(pos, id, v, &owns)).await?;
         }
@@ -561,7 +628,9 @@ impl IndexShard {
 
     /// The target's (score under `query`, corpus position), for [`Self::search`] on every shard.
     pub fn target_key(&self, id: &str, query: &[f32]) -> Option<(f32, u64)> {
-        self.owned.get(id).map(|(pos, v)| (dot(v, query), *pos))
+        self.owned
+            .get(id)
+            .map(|(pos, v)| (similarity(v, query, self.unit), *pos))
     }
 
     /// This shard's best `top_k` rows and how many of its rows beat the target.
@@ -569,7 +638,7 @@ impl IndexShard {
         let scores: Vec<f32> = self
             .vectors
             .chunks_exact(self.dim.max(1))
-            .map(|row| dot(row, query))
+            .map(|row| similarity(row, query, self.unit))
             .collect();
         let better = |a: usize, b: usize| {
             scores[b]
@@ -647,6 +716,47 @@ mod tests {
         .unwrap();
         assert_eq!(vectors, idx.vectors);
         assert_eq!(ids, idx.ids);
+    }
+
+    #[test]
+    fn multi_vector_similarity_is_the_max_over_pairs() {
+        // two 2-d vectors per image (BLIP-2 style), unit 2
+        let a = [1.0, 0.0, 0.0, 1.0];
+        assert_eq!(similarity(&a, &[0.6, 0.8], 2), 0.8); // text: max over the image's vectors
+        assert_eq!(similarity(&a, &[0.0, -1.0, 0.5, 0.5], 2), 0.5); // image: max over pairs
+        assert_eq!(
+            similarity(&[0.5, 0.5], &[0.6, 0.8], 2),
+            dot(&[0.5, 0.5], &[0.6, 0.8])
+        );
+        // an index of such images ranks by that similarity, replicated and sharded alike
+        let ids: Vec<String> = (0..6).map(|i| format!("img{i}")).collect();
+        let vectors: Vec<f32> = (0..6 * 4)
+            .map(|i| ((i * 5 % 7) as f32 - 3.0) / 3.0)
+            .collect();
+        let idx = CorpusIndex::new(ids, 4, vectors.clone(), BTreeMap::new()).with_unit(2);
+        let query = [0.6, 0.8];
+        let r = idx.search(&query, 3, Some("img4"));
+        let mut expected: Vec<(f32, usize)> = vectors
+            .chunks(4)
+            .enumerate()
+            .map(|(i, row)| (dot(&row[..2], &query).max(dot(&row[2..], &query)), i))
+            .collect();
+        expected.sort_by(|x, y| y.0.total_cmp(&x.0).then(x.1.cmp(&y.1)));
+        let top: Vec<String> = expected[..3]
+            .iter()
+            .map(|(_, i)| format!("img{i}"))
+            .collect();
+        assert_eq!(r.ids, top);
+        let shards: Vec<IndexShard> = (0..2)
+            .map(|s| IndexShard::from_index(&idx, s, 2, |id| id == "img4"))
+            .collect();
+        let key = shards
+            .iter()
+            .find(|s| s.owns("img4"))
+            .unwrap()
+            .target_key("img4", &query);
+        let hits: Vec<ShardHits> = shards.iter().map(|s| s.search(&query, 3, key)).collect();
+        assert_eq!(merge_shard_hits(&hits, 3, true), r);
     }
 
     #[test]

@@ -151,7 +151,7 @@ pub fn run(cfg: LoadedConfig, opts: RunOptions) -> Result<RunOutcome, PipelineEr
         &|c, d| Ok(build_embedder(c, d)?),
     )?;
     let (key, reused) = (ensured.key.clone(), ensured.reused);
-    let estimated_mb = (ensured.meta.indexed * ensured.meta.dim * 4) as u64 >> 20;
+    let estimated_mb = (ensured.meta.indexed * ensured.meta.row_len() * 4) as u64 >> 20;
     let sharded = match opts.index {
         IndexMode::Sharded => true,
         IndexMode::Replicated => false,

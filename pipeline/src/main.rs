@@ -53,6 +53,111 @@ enum Command {
         after_help = "Examples:\n  mirgen index --config configs/demo.toml --output out/demo -w 2\n  # two processes (same flags as mirgen run)\n  mirgen index --config job.toml --output s3://b/job -n 2 -p 0 -h hosts.txt"
     )]
     Index(IndexArgs),
+    /// Embed images and texts with a retrieval checkpoint and print one JSON
+    /// line per input: the single-shot command for debugging an encoder and
+    /// for external parity checks.
+    #[command(
+        after_help = "Examples:\n  mirgen embed --model Salesforce/blip-itm-base-coco --image cat.jpg --text \"a cat on a sofa\"\n  mirgen embed --model ./clip-vit-base-patch16 --image a.png --image b.png\n\nOutput, one line per input (images first, then texts, each in the order given):\n  {\"input\": \"cat.jpg\", \"kind\": \"image\", \"embedding\": [...]}\nBLIP-2 image embeddings are one vector per query token: \"embedding\" is then a list of\nvectors (similarity to a text = the maximum over them). An input that fails prints\n{\"input\": ..., \"kind\": ..., \"error\": ...} and the command exits with status 1."
+    )]
+    Embed(EmbedArgs),
+}
+
+#[derive(Args)]
+struct EmbedArgs {
+    /// A Hugging Face model folder (config.json, *.safetensors, tokenizer.json,
+    /// preprocessor_config.json) or a Hub id `owner/name[@revision]`.
+    /// Supported: CLIP, SigLIP, BLIP and BLIP-2 retrieval checkpoints.
+    #[arg(long, value_name = "FOLDER|HUB_ID")]
+    model: String,
+    /// An image file to embed (repeatable).
+    #[arg(long = "image", value_name = "FILE")]
+    images: Vec<PathBuf>,
+    /// A text to embed (repeatable).
+    #[arg(long = "text", value_name = "STR")]
+    texts: Vec<String>,
+    /// Device: auto, cpu or cuda.
+    #[arg(long, default_value = "auto")]
+    device: String,
+}
+
+fn embed(args: EmbedArgs) -> anyhow::Result<()> {
+    use std::io::Write;
+    if args.images.is_empty() && args.texts.is_empty() {
+        anyhow::bail!(
+            "nothing to embed: give --image FILE and/or --text STR (see mirgen embed --help)"
+        );
+    }
+    let (device, line) = mirgen_workers::device::select(&args.device, 0);
+    eprintln!("{line}");
+    let mut model = mirgen_workers::encoders::load_embedder(&args.model, &device)?;
+    let info = model.info();
+    eprintln!(
+        "encoder {} from {} ({}-d{}), fingerprint {}",
+        info.architecture,
+        info.source,
+        model.dim(),
+        match model.vectors_per_image() {
+            1 => String::new(),
+            g => format!(", {g} vectors per image"),
+        },
+        info.fingerprint
+    );
+    let (dim, per_image) = (model.dim(), model.vectors_per_image());
+    let mut failed = 0;
+    let stdout = std::io::stdout();
+    let mut out = stdout.lock();
+    let mut emit =
+        |input: &str, kind: &str, result: anyhow::Result<Vec<f32>>| -> anyhow::Result<()> {
+            // keys in the documented order; floats as f32's shortest round-trip form
+            let head = format!(
+                "{{\"input\":{},\"kind\":{}",
+                serde_json::to_string(input)?,
+                serde_json::to_string(kind)?
+            );
+            let line = match result {
+                Ok(v) if kind == "image" && per_image > 1 => format!(
+                    "{head},\"embedding\":{}}}",
+                    serde_json::to_string(&v.chunks(dim).collect::<Vec<_>>())?
+                ),
+                Ok(v) => format!("{head},\"embedding\":{}}}", serde_json::to_string(&v)?),
+                Err(e) => {
+                    failed += 1;
+                    eprintln!("error: {kind} {input}: {e:#}");
+                    format!(
+                        "{head},\"error\":{}}}",
+                        serde_json::to_string(&format!("{e:#}"))?
+                    )
+                }
+            };
+            writeln!(out, "{line}")?;
+            Ok(())
+        };
+    for path in &args.images {
+        let name = path.display().to_string();
+        let result = std::fs::read(path)
+            .map_err(|e| anyhow::anyhow!("cannot read {name}: {e}"))
+            .and_then(|bytes| Ok(mirgen_workers::image_io::decode_rgb(&name, &bytes)?))
+            .and_then(|img| {
+                let mut v = model.embed_images(&[&img])?;
+                v.pop()
+                    .ok_or_else(|| anyhow::anyhow!("the encoder returned no embedding"))
+            });
+        emit(&name, "image", result)?;
+    }
+    for text in &args.texts {
+        let result = model
+            .embed_texts(std::slice::from_ref(text))
+            .map_err(anyhow::Error::from)
+            .and_then(|mut v| {
+                v.pop()
+                    .ok_or_else(|| anyhow::anyhow!("the encoder returned no embedding"))
+            });
+        emit(text, "text", result)?;
+    }
+    if failed > 0 {
+        anyhow::bail!("{failed} input(s) could not be embedded (see the error lines)");
+    }
+    Ok(())
 }
 
 #[derive(Args)]
@@ -114,13 +219,18 @@ fn index(args: IndexArgs) -> anyhow::Result<()> {
     )?;
     let m = &ensured.meta;
     println!(
-        "corpus index {} at {}/.mirgen/index/{}: {} of {} images, {}-d, encoder {} ({}){}",
+        "corpus index {} at {}/.mirgen/index/{}: {} of {} images, {}-d{}, encoder {} ({}){}",
         if ensured.reused { "reused" } else { "written" },
         output.trim_end_matches('/'),
         ensured.key,
         m.indexed,
         m.corpus_size,
         m.dim,
+        if m.vectors_per_image > 1 {
+            format!(" x {} vectors per image", m.vectors_per_image)
+        } else {
+            String::new()
+        },
         m.encoder.architecture,
         m.encoder.source,
         if m.failed > 0 {
@@ -624,6 +734,7 @@ fn main() -> ExitCode {
         Command::Publish(args) => publish(args),
         Command::Bench(args) => bench(args),
         Command::Index(args) => index(args),
+        Command::Embed(args) => embed(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -86,7 +86,11 @@ pub fn build_embedder(
     cfg: &Config,
     device: &mirgen_workers::Device,
 ) -> Result<Box<dyn Embedder>, WorkerError> {
-    Ok(match cfg.models.embedder.preset.as_str() {
+    let e = &cfg.models.embedder;
+    if let Some(spec) = e.resolved_model.as_ref().or(e.model.as_ref()) {
+        return mirgen_workers::encoders::load_embedder(spec, device);
+    }
+    Ok(match e.kind() {
         "simulation" => Box::new(SimEmbedder { dim: 32 }),
         _ => Box::new(ClipEmbedder::tiny(cfg.run.seed, device)?),
     })

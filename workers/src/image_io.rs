@@ -23,7 +23,8 @@ pub fn decode_rgb(input: &str, bytes: &[u8]) -> Result<RgbImage> {
     if img.width() == 0 || img.height() == 0 {
         return Err(bad("the image has zero width or height".into()));
     }
-    Ok(img.to_rgb8())
+    // transparency composited on white, as the reference processors do
+    Ok(crate::preprocess::to_rgb(&img))
 }
 
 /// How generated images are stored in the dataset.
