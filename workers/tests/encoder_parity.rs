@@ -402,3 +402,307 @@ fn error_messages_read_well() {
     });
     eprintln!("wrong shape: {}", load_error(d.path()));
 }
+
+// ------------------------------------------------------------------ BLIP-2 (ITC, multi-vector)
+
+use mirgen_workers::encoders::blip2::Blip2Embedder;
+
+fn blip2() -> Blip2Embedder {
+    Blip2Embedder::load(fixture("blip2").to_str().unwrap(), &Device::Cpu).unwrap()
+}
+
+/// The golden (N, Q, D) image embeddings as N rows of Q * D floats.
+fn blip2_golden_images(g: &Golden) -> Vec<Vec<f32>> {
+    g.t["image_embeds"]
+        .to_vec3::<f32>()
+        .unwrap()
+        .into_iter()
+        .map(|q| q.concat())
+        .collect()
+}
+
+/// max over vector pairs of the inner product (the `Embedder` similarity).
+fn max_over_vectors(image: &[f32], text: &[f32]) -> f32 {
+    image
+        .chunks(text.len())
+        .map(|v| v.iter().zip(text).map(|(a, b)| a * b).sum::<f32>())
+        .fold(f32::MIN, f32::max)
+}
+
+#[test]
+fn blip2_pixel_values_and_token_ids_match_transformers() {
+    let g = Golden::load("blip2");
+    let enc = blip2();
+    let imgs = images(&g);
+    let golden_pixels = &g.t["pixel_values"];
+    let mut pixel_diff = 0f32;
+    for (i, img) in imgs.iter().enumerate() {
+        let ours = enc.processor().batch(&[img], &Device::Cpu).unwrap();
+        let want = golden_pixels.narrow(0, i, 1).unwrap();
+        assert_eq!(ours.dims(), want.dims(), "blip2: pixel shape of image {i}");
+        pixel_diff = pixel_diff.max(max_abs_diff(&ours, &want));
+    }
+    eprintln!("blip2: pixel values max |ours - transformers| = {pixel_diff:.3e}");
+    assert!(
+        pixel_diff <= 1e-5,
+        "blip2: preprocessing differs: {pixel_diff}"
+    );
+
+    // transformers padded to max_length 16 with truncation (golden.json
+    // "tokenizer_call"); mirgen truncates to the same length and does not pad
+    let call = &g.meta["tokenizer_call"];
+    assert_eq!(call["padding"], "max_length");
+    let max_length = call["max_length"].as_u64().unwrap() as usize;
+    assert_eq!(enc.max_len(), max_length);
+    let ids = g.ids();
+    let mask = g.t["attention_mask"]
+        .to_dtype(DType::U32)
+        .unwrap()
+        .to_vec2::<u32>()
+        .unwrap();
+    for ((text, want), m) in g.strings("texts").iter().zip(&ids).zip(&mask) {
+        assert_eq!(want.len(), max_length);
+        let n = m.iter().filter(|&&x| x == 1).count();
+        assert!(m[..n].iter().all(|&x| x == 1), "mask is a prefix");
+        assert!(want[n..].iter().all(|&x| x == 0), "padding is [PAD] = 0");
+        assert_eq!(
+            enc.tokenize(text).unwrap(),
+            &want[..n],
+            "blip2: ids of {text:?}"
+        );
+    }
+    // truncation: a long text is cut to max_length, ending in [SEP]
+    let long = enc.tokenize(&"a cat ".repeat(40)).unwrap();
+    assert_eq!(long.len(), max_length);
+    assert_eq!(long[0], ids[0][0], "[CLS]");
+    assert_eq!(
+        long[max_length - 1],
+        ids[0][mask[0].iter().sum::<u32>() as usize - 1]
+    );
+}
+
+#[test]
+fn blip2_embeddings_match_transformers() {
+    let g = Golden::load("blip2");
+    let mut enc = blip2();
+    assert_eq!(enc.info().architecture, "blip-2");
+    assert!(!enc.info().smoke_test);
+    assert_eq!((enc.vectors_per_image(), enc.dim()), (8, 24));
+    let img_ref = blip2_golden_images(&g);
+    let txt_ref = g.rows("text_embeds");
+
+    // from the reference's own inputs (padded ids + attention mask)
+    let img = enc.embed_pixel_values(&g.t["pixel_values"]).unwrap();
+    let e_img = rel_err(&img, &img_ref);
+    let ids_t = g.t["input_ids"].clone();
+    let txt = enc
+        .embed_token_ids(&ids_t, Some(&g.t["attention_mask"]))
+        .unwrap();
+    let e_txt = rel_err(&txt, &txt_ref);
+    // end to end through the Embedder trait
+    let imgs = images(&g);
+    let refs: Vec<&RgbImage> = imgs.iter().collect();
+    let img_e2e = enc.embed_images(&refs).unwrap();
+    let e_img_e2e = rel_err(&img_e2e, &img_ref);
+    let texts = g.strings("texts");
+    let txt_e2e = enc.embed_texts(&texts).unwrap();
+    let e_txt_e2e = rel_err(&txt_e2e, &txt_ref);
+    eprintln!(
+        "blip2: relative error image (all 8 queries) {e_img:.2e} (end to end {e_img_e2e:.2e}), \
+         text {e_txt:.2e} (end to end, unpadded {e_txt_e2e:.2e})"
+    );
+    for (what, e) in [
+        ("image embeddings", e_img),
+        ("image embeddings (end to end)", e_img_e2e),
+        ("text embeddings", e_txt),
+        ("text embeddings (end to end)", e_txt_e2e),
+    ] {
+        assert!(e < TOL, "blip2: {what} differ from transformers: {e:.3e}");
+    }
+    // every query vector is unit norm
+    for row in &img_e2e {
+        assert_eq!(row.len(), 8 * 24);
+        for v in row.chunks(24) {
+            let n = v.iter().map(|x| x * x).sum::<f32>().sqrt();
+            assert!((n - 1.0).abs() < 1e-5, "{n}");
+        }
+    }
+
+    // logits_per_image[n, m] = max_q image[n, q] . text[m]
+    let mut worst = 0f32;
+    for (oi, ri) in img_e2e.iter().zip(&img_ref) {
+        for (ot, rt) in txt_e2e.iter().zip(&txt_ref) {
+            let ours = max_over_vectors(oi, ot);
+            let want = max_over_vectors(ri, rt);
+            worst = worst.max((ours - want).abs());
+        }
+    }
+    eprintln!("blip2: max-over-queries similarity max |ours - transformers| = {worst:.2e}");
+    assert!(worst < 1e-4, "blip2: similarity matrix differs by {worst}");
+}
+
+#[test]
+fn blip2_padding_with_the_mask_does_not_change_text_embeddings() {
+    let g = Golden::load("blip2");
+    let enc = blip2();
+    let padded = g.t["input_ids"].clone();
+    let mask = g.t["attention_mask"].clone();
+    let with_mask = enc.embed_token_ids(&padded, Some(&mask)).unwrap();
+    let lens: Vec<usize> = mask
+        .to_dtype(DType::U32)
+        .unwrap()
+        .to_vec2::<u32>()
+        .unwrap()
+        .iter()
+        .map(|m| m.iter().sum::<u32>() as usize)
+        .collect();
+    for (i, &n) in lens.iter().enumerate() {
+        let ids = padded.narrow(0, i, 1).unwrap().narrow(1, 0, n).unwrap();
+        let unpadded = enc.embed_token_ids(&ids, None).unwrap();
+        let e = rel_err(&unpadded, &with_mask[i..i + 1]);
+        eprintln!("blip2: text {i}: unpadded vs padded + mask: relative error {e:.2e}");
+        assert!(e < 1e-5, "text {i}: {e}");
+    }
+    // the mask matters: padding the model attends to changes the embedding
+    let no_mask = enc.embed_token_ids(&padded, None).unwrap();
+    let e = rel_err(&no_mask, &with_mask);
+    assert!(e > 1e-3, "padding without the mask should differ: {e}");
+}
+
+#[test]
+fn blip2_embeddings_do_not_depend_on_the_batch() {
+    let g = Golden::load("blip2");
+    let mut enc = blip2();
+    let imgs = images(&g);
+    let refs: Vec<&RgbImage> = imgs.iter().collect();
+    let all = enc.embed_images(&refs).unwrap();
+    for (i, img) in refs.iter().enumerate() {
+        assert_eq!(enc.embed_images(&[*img]).unwrap()[0], all[i], "image {i}");
+    }
+    let texts = g.strings("texts");
+    let all = enc.embed_texts(&texts).unwrap();
+    for (i, t) in texts.iter().enumerate() {
+        assert_eq!(
+            enc.embed_texts(std::slice::from_ref(t)).unwrap()[0],
+            all[i],
+            "text {i}"
+        );
+    }
+}
+
+#[test]
+fn blip2_loads_through_load_embedder() {
+    let g = Golden::load("blip2");
+    let mut enc = blip2();
+    let mut boxed = load_embedder(fixture("blip2").to_str().unwrap(), &Device::Cpu).unwrap();
+    assert_eq!(boxed.info(), enc.info());
+    assert_eq!(boxed.info().architecture, "blip-2");
+    assert!(boxed.info().fingerprint.starts_with("hf-blip-2/"));
+    assert_eq!(boxed.vectors_per_image(), 8);
+    assert_eq!(boxed.dim(), 24);
+    let texts = g.strings("texts");
+    assert_eq!(
+        boxed.embed_texts(&texts).unwrap(),
+        enc.embed_texts(&texts).unwrap()
+    );
+    let imgs = images(&g);
+    let e = boxed.embed_images(&[&imgs[0]]).unwrap();
+    assert_eq!(e[0].len(), boxed.vectors_per_image() * boxed.dim());
+    assert_eq!(e, enc.embed_images(&[&imgs[0]]).unwrap());
+}
+
+#[test]
+fn blip2_load_errors_name_the_file() {
+    // a weight missing from the file
+    let d = copy_fixture("blip2");
+    let p = d.path().join("model.safetensors");
+    let mut t = candle_core::safetensors::load(&p, &Device::Cpu).unwrap();
+    t.remove("text_projection.weight").unwrap();
+    candle_core::safetensors::save(&t, &p).unwrap();
+    let e = load_error(d.path());
+    eprintln!("blip2 missing tensor: {e}");
+    assert!(
+        e.contains("model.safetensors") && e.contains("text_projection.weight"),
+        "{e}"
+    );
+
+    // the separate q_bias / v_bias of older saves are read like qkv.bias
+    let d = copy_fixture("blip2");
+    let p = d.path().join("model.safetensors");
+    let mut t = candle_core::safetensors::load(&p, &Device::Cpu).unwrap();
+    for l in 0..2 {
+        let pre = format!("vision_model.encoder.layers.{l}.self_attn.");
+        let b = t.remove(&format!("{pre}qkv.bias")).unwrap();
+        t.insert(format!("{pre}q_bias"), b.narrow(0, 0, 32).unwrap());
+        t.insert(format!("{pre}v_bias"), b.narrow(0, 64, 32).unwrap());
+    }
+    candle_core::safetensors::save(&t, &p).unwrap();
+    // (the fixture's random k bias is dropped: it shifts each query's
+    // scores by a constant, which the softmax ignores)
+    let mut old = Blip2Embedder::load(d.path().to_str().unwrap(), &Device::Cpu).unwrap();
+    let g = Golden::load("blip2");
+    let imgs = images(&g);
+    let refs: Vec<&RgbImage> = imgs.iter().collect();
+    let e = rel_err(&old.embed_images(&refs).unwrap(), &blip2_golden_images(&g));
+    assert!(e < TOL, "q_bias/v_bias weights: relative error {e}");
+
+    // weights of the wrong shape
+    let d = copy_fixture("blip2");
+    edit_json(&d.path().join("config.json"), |v| {
+        v["num_query_tokens"] = 4.into()
+    });
+    let e = load_error(d.path());
+    eprintln!("blip2 wrong shape: {e}");
+    assert!(
+        e.contains("model.safetensors") && e.contains("query_tokens") && e.contains("shape"),
+        "{e}"
+    );
+
+    // a processor that does not fit vision_config.image_size
+    let d = copy_fixture("blip2");
+    edit_json(&d.path().join("preprocessor_config.json"), |v| {
+        v["size"] = serde_json::json!({"height": 48, "width": 48});
+    });
+    let e = load_error(d.path());
+    eprintln!("blip2 processor: {e}");
+    assert!(
+        e.contains("preprocessor_config.json") && e.contains("48x48") && e.contains("32"),
+        "{e}"
+    );
+
+    // a tokenizer larger than the Q-Former vocabulary
+    let d = copy_fixture("blip2");
+    edit_json(&d.path().join("config.json"), |v| {
+        v["qformer_config"]["vocab_size"] = 50.into()
+    });
+    let e = load_error(d.path());
+    eprintln!("blip2 tokenizer: {e}");
+    assert!(
+        e.contains("tokenizer.json") && e.contains("vocab_size is 50"),
+        "{e}"
+    );
+
+    // a generation checkpoint (blip2-opt-*) is not a retrieval model
+    let d = copy_fixture("blip2");
+    edit_json(&d.path().join("config.json"), |v| {
+        v["architectures"] = serde_json::json!(["Blip2ForConditionalGeneration"])
+    });
+    let e = load_error(d.path());
+    eprintln!("blip2 generation checkpoint: {e}");
+    assert!(
+        e.contains("config.json") && e.contains("Blip2ForImageTextRetrieval"),
+        "{e}"
+    );
+
+    // a Q-Former without the text feed-forward
+    let d = copy_fixture("blip2");
+    edit_json(&d.path().join("config.json"), |v| {
+        v["qformer_config"]["use_qformer_text_input"] = false.into()
+    });
+    let e = load_error(d.path());
+    eprintln!("blip2 no text input: {e}");
+    assert!(
+        e.contains("config.json") && e.contains("qformer_config.use_qformer_text_input"),
+        "{e}"
+    );
+}

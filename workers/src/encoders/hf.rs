@@ -356,7 +356,7 @@ pub fn var_builder(dir: &Path, device: &Device) -> Result<(VarBuilder<'static>, 
 }
 
 /// Wraps an error raised while building a model from the weights.
-fn weights_err(label: &str, e: candle_core::Error) -> WorkerError {
+pub(crate) fn weights_err(label: &str, e: candle_core::Error) -> WorkerError {
     load_err(format!(
         "{label}: {}; the weights do not fit config.json (are config.json and the weights from the same checkpoint?)",
         plain(e)
@@ -393,7 +393,7 @@ pub fn load_tokenizer(dir: &Path, vocab_size: usize) -> Result<Tokenizer> {
 }
 
 /// The optional `tokenizer_config.json` (empty when absent).
-fn tokenizer_config(dir: &Path) -> Result<ConfigReader> {
+pub(crate) fn tokenizer_config(dir: &Path) -> Result<ConfigReader> {
     if dir.join("tokenizer_config.json").exists() {
         ConfigReader::read(dir, "tokenizer_config.json")
     } else {
@@ -651,7 +651,7 @@ impl Embedder for HfEmbedder {
 }
 
 /// transformers' `normalize(x, dim=-1)`: x / max(|x|, 1e-12), per row.
-fn rows_normalized(t: &Tensor) -> Result<Vec<Vec<f32>>> {
+pub(crate) fn rows_normalized(t: &Tensor) -> Result<Vec<Vec<f32>>> {
     let mut rows = t.to_dtype(DType::F32)?.to_vec2::<f32>()?;
     for r in rows.iter_mut() {
         let n = r
@@ -668,7 +668,7 @@ fn rows_normalized(t: &Tensor) -> Result<Vec<Vec<f32>>> {
 fn model_type(cfg: &ConfigReader) -> Result<String> {
     cfg.str("model_type").map(String::from).ok_or_else(|| {
         cfg.error(
-            "no model_type; is this a transformers config.json? (retrieval encoders: clip, siglip)"
+            "no model_type; is this a transformers config.json? (retrieval encoders: clip, siglip, blip-2)"
                 .into(),
         )
     })
@@ -683,14 +683,14 @@ fn unsupported(cfg: &ConfigReader, kind: &str) -> WorkerError {
         _ => "",
     };
     cfg.error(format!(
-        "model_type = {kind:?} is not a supported retrieval encoder{hint}; supported: clip, siglip"
+        "model_type = {kind:?} is not a supported retrieval encoder{hint}; supported: clip, siglip, blip-2"
     ))
 }
 
 /// A hash of everything that changes the embeddings: the configs, the
 /// tokenizer, the preprocessing and the weights' identity (each file's
 /// size, safetensors header and its first and last MiB).
-fn fingerprint(
+pub(crate) fn fingerprint(
     dir: &Path,
     kind: &str,
     processor: &ImageProcessor,
@@ -740,7 +740,10 @@ pub fn load_embedder(spec: &str, device: &Device) -> Result<Box<dyn Embedder>> {
     let cfg = ConfigReader::read(&dir, "config.json")?;
     match model_type(&cfg)?.as_str() {
         "clip" | "siglip" => Ok(Box::new(HfEmbedder::load_dir(&dir, &source, device)?)),
-        // "blip" / "blip-2": the BLIP retrieval models (encoders::blip, encoders::blip2)
+        "blip-2" => Ok(Box::new(super::blip2::Blip2Embedder::load_dir(
+            &dir, &source, device,
+        )?)),
+        // "blip": the BLIP retrieval model (encoders::blip)
         other => Err(unsupported(&cfg, other)),
     }
 }
