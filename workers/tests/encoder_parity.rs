@@ -403,6 +403,223 @@ fn error_messages_read_well() {
     eprintln!("wrong shape: {}", load_error(d.path()));
 }
 
+// ------------------------------------------------------------------ BLIP (ITC)
+
+use mirgen_workers::encoders::blip::BlipEmbedder;
+
+fn blip() -> BlipEmbedder {
+    BlipEmbedder::load(fixture("blip").to_str().unwrap(), &Device::Cpu).unwrap()
+}
+
+#[test]
+fn blip_pixel_values_match_transformers() {
+    let g = Golden::load("blip");
+    let enc = blip();
+    let imgs = images(&g);
+    let golden = &g.t["pixel_values"];
+    assert_eq!(golden.dim(0).unwrap(), imgs.len());
+    let mut diff = 0f32;
+    for (i, img) in imgs.iter().enumerate() {
+        let ours = enc.processor().batch(&[img], &Device::Cpu).unwrap();
+        let want = golden.narrow(0, i, 1).unwrap();
+        assert_eq!(ours.dims(), want.dims(), "blip: pixel shape of image {i}");
+        diff = diff.max(max_abs_diff(&ours, &want));
+    }
+    eprintln!("blip: pixel values max |ours - transformers| = {diff:.3e}");
+    assert!(diff <= 1e-5, "blip: preprocessing differs: {diff}");
+}
+
+#[test]
+fn blip_token_ids_match_transformers() {
+    let g = Golden::load("blip");
+    let enc = blip();
+    assert_eq!(
+        Some(enc.text_spec().max_len as u64),
+        g.meta["tokenizer_call"]["max_length"].as_u64()
+    );
+    let mask = g.t["attention_mask"]
+        .to_dtype(DType::U32)
+        .unwrap()
+        .to_vec2::<u32>()
+        .unwrap();
+    for ((text, want), m) in g.strings("texts").iter().zip(g.ids()).zip(&mask) {
+        let n = m.iter().filter(|&&x| x == 1).count();
+        // the golden is padded to max_length; ours is not padded
+        assert!(want[n..].iter().all(|&x| x == 0), "{text:?}: {want:?}");
+        assert_eq!(
+            enc.tokenize(text).unwrap(),
+            want[..n],
+            "blip: ids of {text:?}"
+        );
+    }
+    // [CLS] first (no [ENC] swap on the ITC path), truncation to max_length
+    let cls = enc.tokenizer().token_to_id("[CLS]").unwrap();
+    assert_eq!(g.ids()[0][0], cls);
+    let long = "a cat ".repeat(40);
+    let ids = enc.tokenize(&long).unwrap();
+    assert_eq!(ids.len(), enc.text_spec().max_len);
+    assert_eq!(ids[0], cls);
+    assert_eq!(
+        *ids.last().unwrap(),
+        enc.tokenizer().token_to_id("[SEP]").unwrap()
+    );
+}
+
+#[test]
+fn blip_embeddings_match_transformers() {
+    let g = Golden::load("blip");
+    let mut enc = blip();
+    let img_ref = g.rows("image_embeds");
+    let txt_ref = g.rows("text_embeds");
+    // from the reference's own inputs (padded ids + attention mask)
+    let img = enc.embed_pixel_values(&g.t["pixel_values"]).unwrap();
+    let ids = g.t["input_ids"].to_dtype(DType::U32).unwrap();
+    let txt = enc
+        .embed_token_ids(&ids, Some(&g.t["attention_mask"]))
+        .unwrap();
+    // end to end through the Embedder trait (decoded images, strings)
+    let imgs = images(&g);
+    let refs: Vec<&RgbImage> = imgs.iter().collect();
+    let img_e2e = enc.embed_images(&refs).unwrap();
+    let txt_e2e = enc.embed_texts(&g.strings("texts")).unwrap();
+    let errs = [
+        ("image embeddings", rel_err(&img, &img_ref)),
+        ("image embeddings (end to end)", rel_err(&img_e2e, &img_ref)),
+        ("text embeddings", rel_err(&txt, &txt_ref)),
+        ("text embeddings (end to end)", rel_err(&txt_e2e, &txt_ref)),
+    ];
+    for (what, e) in errs {
+        eprintln!("blip: {what}: relative error {e:.2e}");
+        assert!(
+            e < TOL,
+            "blip: {what} differ from transformers: relative error {e:.3e}"
+        );
+    }
+    assert_eq!(enc.dim(), img_ref[0].len());
+    assert_eq!(enc.dim(), txt_ref[0].len());
+    assert_eq!(enc.vectors_per_image(), 1);
+    // the ITC scores the reference checked against itm_score (use_itm_head=False)
+    for (i, a) in img_e2e.iter().take(3).enumerate() {
+        for (j, b) in txt_e2e.iter().enumerate() {
+            let ours: f32 = a.iter().zip(b).map(|(x, y)| x * y).sum();
+            let want: f32 = img_ref[i].iter().zip(&txt_ref[j]).map(|(x, y)| x * y).sum();
+            assert!(
+                (ours - want).abs() < 1e-4,
+                "score {i},{j}: {ours} vs {want}"
+            );
+        }
+    }
+}
+
+#[test]
+fn blip_embeddings_do_not_depend_on_the_batch() {
+    let g = Golden::load("blip");
+    let mut enc = blip();
+    let imgs = images(&g);
+    let refs: Vec<&RgbImage> = imgs.iter().collect();
+    let all = enc.embed_images(&refs).unwrap();
+    for (i, img) in refs.iter().enumerate() {
+        assert_eq!(enc.embed_images(&[*img]).unwrap()[0], all[i], "image {i}");
+    }
+    let texts = g.strings("texts");
+    let all = enc.embed_texts(&texts).unwrap();
+    for (i, t) in texts.iter().enumerate() {
+        assert_eq!(
+            enc.embed_texts(std::slice::from_ref(t)).unwrap()[0],
+            all[i],
+            "text {i}"
+        );
+    }
+    // padding with a mask leaves an embedding (nearly) unchanged
+    let padded = enc
+        .embed_token_ids(
+            &g.t["input_ids"].to_dtype(DType::U32).unwrap(),
+            Some(&g.t["attention_mask"]),
+        )
+        .unwrap();
+    assert!(rel_err(&padded, &all) < 1e-5);
+}
+
+#[test]
+fn blip_loads_through_load_embedder() {
+    let dir = fixture("blip");
+    let mut boxed = load_embedder(dir.to_str().unwrap(), &Device::Cpu).unwrap();
+    let mut enc = blip();
+    let info = boxed.info();
+    assert_eq!(info, enc.info());
+    assert_eq!(info.architecture, "blip");
+    assert!(!info.smoke_test);
+    assert!(
+        info.fingerprint.starts_with("hf-blip/"),
+        "{}",
+        info.fingerprint
+    );
+    assert_eq!(info.source, dir.to_str().unwrap());
+    let g = Golden::load("blip");
+    let texts = g.strings("texts");
+    assert_eq!(
+        boxed.embed_texts(&texts[..1]).unwrap(),
+        enc.embed_texts(&texts[..1]).unwrap()
+    );
+    let e = rel_err(&boxed.embed_texts(&texts).unwrap(), &g.rows("text_embeds"));
+    assert!(e < TOL, "{e}");
+    // another architecture's fingerprint differs
+    let clip = load_embedder(fixture("clip").to_str().unwrap(), &Device::Cpu).unwrap();
+    assert_ne!(clip.info().fingerprint, info.fingerprint);
+}
+
+#[test]
+fn blip_load_errors_are_named() {
+    // a tensor missing from the weights
+    let d = copy_fixture("blip");
+    let p = d.path().join("model.safetensors");
+    let mut t = candle_core::safetensors::load(&p, &Device::Cpu).unwrap();
+    assert!(t.remove("text_proj.weight").is_some());
+    candle_core::safetensors::save(&t, &p).unwrap();
+    let e = load_error(d.path());
+    eprintln!("blip, missing tensor: {e}");
+    assert!(
+        e.contains("model.safetensors") && e.contains("text_proj.weight"),
+        "{e}"
+    );
+
+    // a config whose image size does not fit the weights
+    let d = copy_fixture("blip");
+    edit_json(&d.path().join("config.json"), |v| {
+        v["vision_config"]["image_size"] = 48.into()
+    });
+    let e = load_error(d.path());
+    eprintln!("blip, image_size 48: {e}");
+    assert!(
+        e.contains("model.safetensors") && e.contains("position_embedding"),
+        "{e}"
+    );
+
+    // a processor that does not fit the vision tower
+    let d = copy_fixture("blip");
+    edit_json(&d.path().join("preprocessor_config.json"), |v| {
+        v["size"] = serde_json::json!({"height": 48, "width": 48});
+    });
+    let e = load_error(d.path());
+    eprintln!("blip, processor 48x48: {e}");
+    assert!(
+        e.contains("preprocessor_config.json") && e.contains("48x48") && e.contains("32"),
+        "{e}"
+    );
+
+    // a tokenizer larger than the text vocabulary
+    let d = copy_fixture("blip");
+    edit_json(&d.path().join("config.json"), |v| {
+        v["text_config"]["vocab_size"] = 100.into()
+    });
+    let e = load_error(d.path());
+    eprintln!("blip, vocab 100: {e}");
+    assert!(
+        e.contains("tokenizer.json") && e.contains("vocab_size is 100"),
+        "{e}"
+    );
+}
+
 // ------------------------------------------------------------------ BLIP-2 (ITC, multi-vector)
 
 use mirgen_workers::encoders::blip2::Blip2Embedder;

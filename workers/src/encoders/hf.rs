@@ -22,13 +22,13 @@ use super::siglip::{SiglipConfig, SiglipModel};
 use crate::preprocess::ImageProcessor;
 use crate::{Embedder, ModelInfo, Result, RgbImage, WorkerError};
 
-fn load_err(msg: String) -> WorkerError {
+pub(crate) fn load_err(msg: String) -> WorkerError {
     WorkerError::Load(msg)
 }
 
 /// A candle error's message without the backtrace candle attaches when
 /// `RUST_BACKTRACE` is set, and without a repeated file path.
-fn plain(e: candle_core::Error) -> String {
+pub(crate) fn plain(e: candle_core::Error) -> String {
     match e {
         candle_core::Error::WithBacktrace { inner, .. } => plain(*inner),
         candle_core::Error::WithPath { inner, .. } => plain(*inner),
@@ -405,7 +405,7 @@ pub(crate) fn tokenizer_config(dir: &Path) -> Result<ConfigReader> {
 }
 
 /// A special token of `tokenizer_config.json` (a string or `{"content": ..}`).
-fn special_token(tc: &ConfigReader, key: &str) -> Option<String> {
+pub(crate) fn special_token(tc: &ConfigReader, key: &str) -> Option<String> {
     let v = &tc.value()[key];
     v.as_str()
         .or_else(|| v["content"].as_str())
@@ -668,7 +668,7 @@ pub(crate) fn rows_normalized(t: &Tensor) -> Result<Vec<Vec<f32>>> {
 fn model_type(cfg: &ConfigReader) -> Result<String> {
     cfg.str("model_type").map(String::from).ok_or_else(|| {
         cfg.error(
-            "no model_type; is this a transformers config.json? (retrieval encoders: clip, siglip, blip-2)"
+            "no model_type; is this a transformers config.json? (retrieval encoders: clip, siglip, blip, blip-2)"
                 .into(),
         )
     })
@@ -676,14 +676,17 @@ fn model_type(cfg: &ConfigReader) -> Result<String> {
 
 fn unsupported(cfg: &ConfigReader, kind: &str) -> WorkerError {
     let hint = match kind {
-        "clip_vision_model" | "clip_text_model" | "siglip_vision_model" | "siglip_text_model" => {
-            " (one tower only; retrieval needs the full two-tower checkpoint)"
-        }
+        "clip_vision_model"
+        | "clip_text_model"
+        | "siglip_vision_model"
+        | "siglip_text_model"
+        | "blip_vision_model"
+        | "blip_text_model" => " (one tower only; retrieval needs the full two-tower checkpoint)",
         "siglip2" => " (SigLIP 2 is not implemented)",
         _ => "",
     };
     cfg.error(format!(
-        "model_type = {kind:?} is not a supported retrieval encoder{hint}; supported: clip, siglip, blip-2"
+        "model_type = {kind:?} is not a supported retrieval encoder{hint}; supported: clip, siglip, blip, blip-2"
     ))
 }
 
@@ -740,10 +743,12 @@ pub fn load_embedder(spec: &str, device: &Device) -> Result<Box<dyn Embedder>> {
     let cfg = ConfigReader::read(&dir, "config.json")?;
     match model_type(&cfg)?.as_str() {
         "clip" | "siglip" => Ok(Box::new(HfEmbedder::load_dir(&dir, &source, device)?)),
+        "blip" => Ok(Box::new(super::blip::BlipEmbedder::load_dir(
+            &dir, &source, device,
+        )?)),
         "blip-2" => Ok(Box::new(super::blip2::Blip2Embedder::load_dir(
             &dir, &source, device,
         )?)),
-        // "blip": the BLIP retrieval model (encoders::blip)
         other => Err(unsupported(&cfg, other)),
     }
 }

@@ -3,6 +3,7 @@
 //! Parity with transformers is tested on tiny random checkpoints made by
 //! `scripts/fixtures/make_encoder_fixtures.py` (`tests/encoder_parity.rs`).
 
+pub mod blip;
 pub mod blip2;
 pub mod clip;
 pub mod hf;
