@@ -1246,6 +1246,33 @@ fn a_run_ranks_the_corpus_with_a_hugging_face_checkpoint() {
             manifest["models"]["embedder"]["architecture"], expected_arch,
             "{manifest}"
         );
+        // the index names the encoder, its preprocessing and its shape
+        let index_dir = out.join(".mirgen/index");
+        let metas: Vec<serde_json::Value> = std::fs::read_dir(&index_dir)
+            .unwrap()
+            .map(|e| {
+                serde_json::from_slice(
+                    &std::fs::read(e.unwrap().path().join("index.json")).unwrap(),
+                )
+                .unwrap()
+            })
+            .collect();
+        assert_eq!(metas.len(), 1);
+        let meta = &metas[0];
+        assert_eq!(meta["encoder"]["architecture"], expected_arch);
+        assert_eq!(meta["dim"], 24);
+        assert_eq!(
+            meta["vectors_per_image"],
+            if arch == "blip2" { 8 } else { 1 }
+        );
+        assert_eq!(
+            meta["preprocessing"]["normalize"][0]
+                .as_array()
+                .unwrap()
+                .len(),
+            3,
+            "{meta}"
+        );
         // every retrieved score is the similarity of the drawing and the corpus
         // image under the checkpoint (max over query-vector pairs for BLIP-2)
         let mut enc = mirgen_workers::encoders::load_embedder(

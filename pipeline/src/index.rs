@@ -221,8 +221,7 @@ impl CorpusIndex {
             &key,
             corpus,
             &embedder.info(),
-            embedder.dim(),
-            embedder.vectors_per_image(),
+            IndexShape::of(embedder),
         )
         .await?;
         let index = Self::load(cache, &key).await?.ok_or_else(|| {
@@ -249,6 +248,9 @@ pub struct IndexMeta {
     /// Vectors per image (1, or BLIP-2's query tokens; see [`similarity`]).
     #[serde(default = "one")]
     pub vectors_per_image: usize,
+    /// The encoder's image preprocessing (resize, crop, mean/std).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub preprocessing: Option<serde_json::Value>,
     /// Corpus images listed, indexed, and unreadable.
     pub corpus_size: usize,
     pub indexed: usize,
@@ -465,14 +467,31 @@ pub async fn build_chunks(
     Ok(())
 }
 
+/// What an encoder's index rows look like.
+#[derive(Clone, Debug)]
+pub struct IndexShape {
+    pub dim: usize,
+    pub vectors_per_image: usize,
+    pub preprocessing: Option<serde_json::Value>,
+}
+
+impl IndexShape {
+    pub fn of(embedder: &dyn Embedder) -> Self {
+        IndexShape {
+            dim: embedder.dim(),
+            vectors_per_image: embedder.vectors_per_image(),
+            preprocessing: embedder.preprocessing(),
+        }
+    }
+}
+
 /// Writes `index.json` once every chunk exists; `Ok(None)` if some are missing.
 pub async fn finish_index(
     cache: &Location,
     key: &str,
     corpus: &Corpus,
     encoder: &mirgen_workers::ModelInfo,
-    dim: usize,
-    vectors_per_image: usize,
+    shape: IndexShape,
 ) -> Result<Option<IndexMeta>, PipelineError> {
     let n_chunks = corpus.ids.len().div_ceil(INDEX_CHUNK);
     let existing: std::collections::BTreeSet<String> = cache
@@ -488,8 +507,9 @@ pub async fn finish_index(
         format: INDEX_FORMAT.into(),
         key: key.into(),
         encoder: encoder.clone(),
-        dim,
-        vectors_per_image,
+        dim: shape.dim,
+        vectors_per_image: shape.vectors_per_image,
+        preprocessing: shape.preprocessing,
         corpus_size: corpus.ids.len(),
         indexed: 0,
         failed: 0,

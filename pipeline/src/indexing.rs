@@ -53,7 +53,7 @@ pub fn ensure_index(
     let (device, _) = mirgen_workers::device::select(&cluster.device, 0);
     let first = build_embedder(cfg, &device)?;
     let info = first.info();
-    let (dim, per_image) = (first.dim(), first.vectors_per_image());
+    let shape = crate::index::IndexShape::of(first.as_ref());
     let key = CorpusIndex::cache_key(&info.fingerprint, corpus);
     if let Some(meta) = runtime.block_on(IndexMeta::load(cache, &key))? {
         return Ok(EnsuredIndex {
@@ -125,7 +125,7 @@ pub fn ensure_index(
     let mut last_note = Instant::now();
     loop {
         let meta = if cluster.process == 0 {
-            runtime.block_on(finish_index(cache, &key, corpus, &info, dim, per_image))?
+            runtime.block_on(finish_index(cache, &key, corpus, &info, shape.clone()))?
         } else {
             runtime.block_on(IndexMeta::load(cache, &key))?
         };

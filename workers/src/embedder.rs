@@ -137,6 +137,10 @@ impl Embedder for ClipEmbedder {
     fn info(&self) -> ModelInfo {
         self.info.clone()
     }
+
+    fn preprocessing(&self) -> Option<serde_json::Value> {
+        serde_json::to_value(&self.processor).ok()
+    }
     fn dim(&self) -> usize {
         self.dim
     }

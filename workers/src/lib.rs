@@ -164,6 +164,11 @@ pub trait Embedder: Send {
     fn vectors_per_image(&self) -> usize {
         1
     }
+    /// How images are preprocessed (resize, crop, mean/std), for index
+    /// metadata; `None` when the encoder takes images as they are.
+    fn preprocessing(&self) -> Option<serde_json::Value> {
+        None
+    }
     fn embed_images(&mut self, images: &[&RgbImage]) -> Result<Vec<Vec<f32>>>;
     fn embed_texts(&mut self, texts: &[String]) -> Result<Vec<Vec<f32>>>;
 }

@@ -555,6 +555,10 @@ impl Embedder for BlipEmbedder {
         self.info.clone()
     }
 
+    fn preprocessing(&self) -> Option<serde_json::Value> {
+        serde_json::to_value(&self.processor).ok()
+    }
+
     fn dim(&self) -> usize {
         self.model.cfg.image_text_hidden_size
     }

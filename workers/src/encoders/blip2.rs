@@ -661,6 +661,10 @@ impl Embedder for Blip2Embedder {
         self.info.clone()
     }
 
+    fn preprocessing(&self) -> Option<serde_json::Value> {
+        serde_json::to_value(&self.processor).ok()
+    }
+
     fn dim(&self) -> usize {
         self.model.cfg.image_text_hidden_size
     }

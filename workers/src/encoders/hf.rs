@@ -623,6 +623,10 @@ impl Embedder for HfEmbedder {
         self.info.clone()
     }
 
+    fn preprocessing(&self) -> Option<serde_json::Value> {
+        serde_json::to_value(&self.processor).ok()
+    }
+
     fn dim(&self) -> usize {
         self.dim
     }
