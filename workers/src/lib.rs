@@ -17,6 +17,7 @@ pub mod device;
 pub mod embedder;
 pub mod encoders;
 pub mod generator;
+pub mod generators;
 pub mod image_io;
 pub mod preprocess;
 pub mod roles;
