@@ -487,12 +487,16 @@ pub fn run(shared: Arc<JobShared>, timely_args: Vec<String>) -> Result<(), Strin
                     move |input, output| {
                         input.for_each(|cap, data| {
                             let mut session = output.session(&cap);
-                            for q in data.drain(..) {
+                            // the queries that arrived together in one pass over the shard
+                            let batch: Vec<(&[f32], Option<(f32, u64)>)> =
+                                data.iter().map(|q| (q.vector.as_slice(), q.target)).collect();
+                            let hits = shard.search_batch(&batch, top_k);
+                            for (q, hits) in data.drain(..).zip(hits) {
                                 session.give(ShardReply {
                                     owner: q.owner,
                                     wave: q.wave,
                                     slot: q.slot,
-                                    hits: shard.search(&q.vector, top_k, q.target),
+                                    hits,
                                 });
                             }
                         });

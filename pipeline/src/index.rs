@@ -14,6 +14,7 @@ use parquet::arrow::{arrow_reader::ParquetRecordBatchReaderBuilder, ArrowWriter}
 use sha2::{Digest, Sha256};
 
 use crate::corpus::Corpus;
+use crate::search::gemm_nt;
 use crate::store::Location;
 use crate::PipelineError;
 
@@ -42,6 +43,168 @@ pub fn similarity(a: &[f32], b: &[f32], unit: usize) -> f32 {
     best
 }
 
+/// A query to [`exact_search`]: its vector(s) and, when its target is
+/// indexed, the target's exact similarity and corpus position.
+#[derive(Clone, Copy, Debug)]
+pub struct RowQuery<'a> {
+    pub vector: &'a [f32],
+    pub target: Option<(f32, u64)>,
+}
+
+/// Floats of GEMM scores computed at once (16 MiB).
+const SCORE_BLOCK: usize = 1 << 22;
+
+/// Largest vector norm of `v` split into `unit`-float vectors.
+pub fn max_norm(v: &[f32], unit: usize) -> f32 {
+    v.chunks(unit.max(1))
+        .map(|x| dot(x, x).sqrt())
+        .fold(0.0, f32::max)
+}
+
+/// Exact top-K and target rank over `rows` (`row_len` floats each, made of
+/// `unit`-float vectors, scored with [`similarity`]) for a batch of queries.
+///
+/// The bulk of the work is one GEMM per block of rows for all queries
+/// together; GEMM sums in another order than [`dot`], so every score that
+/// could change the answer (near the k-th best, near the target's score) is
+/// recomputed with [`similarity`]. Results are therefore identical to
+/// scoring every row with [`similarity`] (what a sharded index does on each
+/// shard), at GEMM speed. The rounding bound: two f32 sums of the same `d`
+/// products differ by at most `2 d u |x| |y|` (u = 2^-24); `rows_max_norm`
+/// bounds `|y|`.
+///
+/// Returns per query its best `top_k` as (row index, score), best first
+/// (ties to the lower position), and how many rows rank above its target.
+pub fn exact_search(
+    rows: &[f32],
+    row_len: usize,
+    unit: usize,
+    rows_max_norm: f32,
+    position: &dyn Fn(usize) -> u64,
+    queries: &[RowQuery<'_>],
+    top_k: usize,
+) -> Vec<(Vec<(usize, f32)>, u64)> {
+    exact_search_blocked(
+        rows,
+        row_len,
+        unit,
+        rows_max_norm,
+        position,
+        queries,
+        top_k,
+        SCORE_BLOCK,
+    )
+}
+
+#[allow(clippy::too_many_arguments)]
+fn exact_search_blocked(
+    rows: &[f32],
+    row_len: usize,
+    unit: usize,
+    rows_max_norm: f32,
+    position: &dyn Fn(usize) -> u64,
+    queries: &[RowQuery<'_>],
+    top_k: usize,
+    block_floats: usize,
+) -> Vec<(Vec<(usize, f32)>, u64)> {
+    let unit = unit.max(1);
+    let row_len = row_len.max(unit);
+    let n = rows.len() / row_len;
+    let per_row = row_len / unit;
+    let mut answers = vec![(Vec::new(), 0u64); queries.len()];
+    // queries of one length share a GEMM (a wave's queries all have one)
+    let mut by_len: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
+    for (i, q) in queries.iter().enumerate() {
+        by_len.entry(q.vector.len()).or_default().push(i);
+    }
+    for (len, group) in by_len {
+        let qv = (len / unit).max(1);
+        if len == 0 || !len.is_multiple_of(unit) || n == 0 {
+            // a malformed query scores nothing; an empty index finds nothing
+            continue;
+        }
+        let lhs: Vec<f32> = group
+            .iter()
+            .flat_map(|&i| queries[i].vector.iter().copied())
+            .collect();
+        let m = group.len() * qv;
+        // approximate scores: (queries in group) x n, max over vector pairs
+        let mut approx = vec![f32::NEG_INFINITY; group.len() * n];
+        let block = (block_floats / (m * per_row)).max(1);
+        let mut tmp = vec![0f32; m * block * per_row];
+        let mut start = 0;
+        while start < n {
+            let b = block.min(n - start);
+            let cols = b * per_row;
+            gemm_nt(
+                m,
+                cols,
+                unit,
+                &lhs,
+                &rows[start * row_len..(start + b) * row_len],
+                &mut tmp,
+            );
+            for (gi, out) in approx.chunks_mut(n).enumerate() {
+                for v in 0..qv {
+                    let line = &tmp[(gi * qv + v) * cols..(gi * qv + v + 1) * cols];
+                    for (r, chunk) in line.chunks(per_row).enumerate() {
+                        let best = chunk.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                        let slot = &mut out[start + r];
+                        *slot = slot.max(best);
+                    }
+                }
+            }
+            start += b;
+        }
+        for (gi, &qi) in group.iter().enumerate() {
+            let q = queries[qi];
+            let a = &approx[gi * n..(gi + 1) * n];
+            let eps = 4.0
+                * unit as f32
+                * f32::EPSILON
+                * max_norm(q.vector, unit)
+                * rows_max_norm.max(f32::MIN_POSITIVE)
+                + f32::MIN_POSITIVE;
+            let exact =
+                |r: usize| similarity(&rows[r * row_len..(r + 1) * row_len], q.vector, unit);
+            // top-k: every true top-k row has approx >= (k-th best approx) - 2 eps
+            let k = top_k.min(n);
+            let candidates: Vec<usize> = if k == 0 {
+                vec![]
+            } else if k == n || a.iter().any(|x| x.is_nan()) {
+                (0..n).collect()
+            } else {
+                let mut vals = a.to_vec();
+                let (_, kth, _) = vals.select_nth_unstable_by(k - 1, |x, y| y.total_cmp(x));
+                let cut = *kth - 2.0 * eps;
+                (0..n).filter(|&r| a[r] >= cut).collect()
+            };
+            let mut top: Vec<(usize, f32)> =
+                candidates.into_iter().map(|r| (r, exact(r))).collect();
+            top.sort_by(|x, y| y.1.total_cmp(&x.1).then(position(x.0).cmp(&position(y.0))));
+            top.truncate(k);
+            // rows above the target: decided by approx unless within eps of its score
+            let better = match q.target {
+                Some((ts, tp)) => (0..n)
+                    .filter(|&r| {
+                        if a[r] > ts + eps {
+                            true
+                        } else if a[r] < ts - eps {
+                            false
+                        } else {
+                            let s = exact(r);
+                            s > ts || (s == ts && position(r) < tp)
+                        }
+                    })
+                    .count() as u64,
+                None => 0,
+            };
+            answers[qi] = (top, better);
+        }
+    }
+    answers
+}
+
 pub struct CorpusIndex {
     pub ids: Vec<String>,
     /// Floats per image (`unit` x vectors per image).
@@ -54,6 +217,8 @@ pub struct CorpusIndex {
     /// Corpus images that could not be decoded (id -> reason); not indexed.
     pub failures: BTreeMap<String, String>,
     position: HashMap<String, usize>,
+    /// Largest vector norm (the rounding bound of [`exact_search`]).
+    max_norm: f32,
 }
 
 /// Result of one query.
@@ -77,6 +242,7 @@ impl CorpusIndex {
             .enumerate()
             .map(|(i, id)| (id.clone(), i))
             .collect();
+        let max_norm = max_norm(&vectors, dim);
         CorpusIndex {
             ids,
             dim,
@@ -84,6 +250,7 @@ impl CorpusIndex {
             vectors,
             failures,
             position,
+            max_norm,
         }
     }
 
@@ -91,6 +258,7 @@ impl CorpusIndex {
     /// (multi-vector encoders such as BLIP-2).
     pub fn with_unit(mut self, unit: usize) -> Self {
         self.unit = unit.max(1);
+        self.max_norm = max_norm(&self.vectors, self.unit);
         self
     }
 
@@ -133,32 +301,47 @@ impl CorpusIndex {
         )
     }
 
-    /// Exact search: scores every indexed image, keeps the best `top_k`
-    /// (ties broken by corpus order) and the rank of `target`.
+    /// Exact search: the best `top_k` indexed images (ties broken by corpus
+    /// order) and the rank of `target`; see [`Self::search_batch`].
     pub fn search(&self, query: &[f32], top_k: usize, target: Option<&str>) -> SearchResult {
-        let scores = self.scores(query);
-        let better = |a: usize, b: usize| scores[b].total_cmp(&scores[a]).then(a.cmp(&b));
-        let mut order: Vec<usize> = (0..scores.len()).collect();
-        let k = top_k.min(order.len());
-        if k > 0 && k < order.len() {
-            order.select_nth_unstable_by(k - 1, |&a, &b| better(a, b));
-            order.truncate(k);
-        }
-        order.sort_by(|&a, &b| better(a, b));
-        order.truncate(k);
-        let target_rank = target.and_then(|t| self.position.get(t)).map(|&ti| {
-            let ts = scores[ti];
-            scores
-                .iter()
-                .enumerate()
-                .filter(|&(i, &s)| s > ts || (s == ts && i < ti))
-                .count() as i64
-        });
-        SearchResult {
-            ids: order.iter().map(|&i| self.ids[i].clone()).collect(),
-            scores: order.iter().map(|&i| scores[i]).collect(),
-            target_rank,
-        }
+        self.search_batch(&[(target, query)], top_k).remove(0)
+    }
+
+    /// [`Self::search`] for several (target, query) pairs at once: one GEMM
+    /// pass over the index for all of them ([`exact_search`]), with exactly
+    /// the answers of scoring every image with [`similarity`].
+    pub fn search_batch(
+        &self,
+        queries: &[(Option<&str>, &[f32])],
+        top_k: usize,
+    ) -> Vec<SearchResult> {
+        let row_queries: Vec<RowQuery<'_>> = queries
+            .iter()
+            .map(|&(target, vector)| RowQuery {
+                vector,
+                target: target.and_then(|t| self.position.get(t)).map(|&ti| {
+                    let row = &self.vectors[ti * self.dim..(ti + 1) * self.dim];
+                    (similarity(row, vector, self.unit), ti as u64)
+                }),
+            })
+            .collect();
+        exact_search(
+            &self.vectors,
+            self.dim,
+            self.unit,
+            self.max_norm,
+            &|r| r as u64,
+            &row_queries,
+            top_k,
+        )
+        .into_iter()
+        .zip(&row_queries)
+        .map(|((top, better), q)| SearchResult {
+            ids: top.iter().map(|&(r, _)| self.ids[r].clone()).collect(),
+            scores: top.iter().map(|&(_, s)| s).collect(),
+            target_rank: q.target.map(|_| better as i64),
+        })
+        .collect()
     }
 
     /// Cache key: the embedder's fingerprint and the corpus listing.
@@ -545,6 +728,8 @@ pub struct IndexShard {
     vectors: Vec<f32>,
     /// Owned targets: id -> (corpus position, vector).
     owned: HashMap<String, (u64, Vec<f32>)>,
+    /// Largest vector norm of the shard's rows.
+    max_norm: f32,
 }
 
 /// A shard's answer to one query.
@@ -585,6 +770,7 @@ impl IndexShard {
             positions: vec![],
             vectors: vec![],
             owned: HashMap::new(),
+            max_norm: 0.0,
         }
     }
 
@@ -593,6 +779,7 @@ impl IndexShard {
             self.ids.push(id.to_string());
             self.positions.push(pos);
             self.vectors.extend_from_slice(v);
+            self.max_norm = self.max_norm.max(max_norm(v, self.unit));
         }
         if owns(id) {
             self.owned.insert(id.to_string(), (pos, v.to_vec()));
@@ -655,39 +842,37 @@ impl IndexShard {
 
     /// This shard's best `top_k` rows and how many of its rows beat the target.
     pub fn search(&self, query: &[f32], top_k: usize, target: Option<(f32, u64)>) -> ShardHits {
-        let scores: Vec<f32> = self
-            .vectors
-            .chunks_exact(self.dim.max(1))
-            .map(|row| similarity(row, query, self.unit))
+        self.search_batch(&[(query, target)], top_k).remove(0)
+    }
+
+    /// [`Self::search`] for several queries in one GEMM pass ([`exact_search`]).
+    pub fn search_batch(
+        &self,
+        queries: &[(&[f32], Option<(f32, u64)>)],
+        top_k: usize,
+    ) -> Vec<ShardHits> {
+        let row_queries: Vec<RowQuery<'_>> = queries
+            .iter()
+            .map(|&(vector, target)| RowQuery { vector, target })
             .collect();
-        let better = |a: usize, b: usize| {
-            scores[b]
-                .total_cmp(&scores[a])
-                .then(self.positions[a].cmp(&self.positions[b]))
-        };
-        let mut order: Vec<usize> = (0..scores.len()).collect();
-        let k = top_k.min(order.len());
-        if k > 0 && k < order.len() {
-            order.select_nth_unstable_by(k - 1, |&a, &b| better(a, b));
-            order.truncate(k);
-        }
-        order.sort_by(|&a, &b| better(a, b));
-        order.truncate(k);
-        let beat = match target {
-            Some((ts, tp)) => scores
+        exact_search(
+            &self.vectors,
+            self.dim,
+            self.unit,
+            self.max_norm,
+            &|r| self.positions[r],
+            &row_queries,
+            top_k,
+        )
+        .into_iter()
+        .map(|(top, better)| ShardHits {
+            top: top
                 .iter()
-                .zip(&self.positions)
-                .filter(|&(&s, &p)| s > ts || (s == ts && p < tp))
-                .count() as u64,
-            None => 0,
-        };
-        ShardHits {
-            top: order
-                .iter()
-                .map(|&i| (self.positions[i], scores[i], self.ids[i].clone()))
+                .map(|&(r, s)| (self.positions[r], s, self.ids[r].clone()))
                 .collect(),
-            better: beat,
-        }
+            better,
+        })
+        .collect()
     }
 }
 
@@ -736,6 +921,104 @@ mod tests {
         .unwrap();
         assert_eq!(vectors, idx.vectors);
         assert_eq!(ids, idx.ids);
+    }
+
+    /// Scores every row with [`similarity`]: what [`exact_search`] must equal.
+    fn naive(
+        rows: &[f32],
+        row_len: usize,
+        unit: usize,
+        q: &RowQuery<'_>,
+        k: usize,
+    ) -> (Vec<(usize, f32)>, u64) {
+        let scores: Vec<f32> = rows
+            .chunks(row_len)
+            .map(|r| similarity(r, q.vector, unit))
+            .collect();
+        let mut order: Vec<usize> = (0..scores.len()).collect();
+        order.sort_by(|&a, &b| scores[b].total_cmp(&scores[a]).then(a.cmp(&b)));
+        let top = order.iter().take(k).map(|&r| (r, scores[r])).collect();
+        let better = q.target.map_or(0, |(ts, tp)| {
+            (0..scores.len())
+                .filter(|&r| scores[r] > ts || (scores[r] == ts && (r as u64) < tp))
+                .count() as u64
+        });
+        (top, better)
+    }
+
+    #[test]
+    fn gemm_search_equals_scoring_every_row_even_for_rounding_ties() {
+        // rows that are permutations of one vector: mathematically tied
+        // scores that float summation order separates, plus plain rows
+        let unit = 64;
+        let base: Vec<f32> = (0..unit)
+            .map(|i| ((i * 37 % 11) as f32 - 5.0) / 9.0)
+            .collect();
+        let mut rows = Vec::new();
+        for r in 0..300usize {
+            if r % 3 == 0 {
+                let mut v = base.clone();
+                v.rotate_left(r % unit);
+                rows.extend(v);
+            } else {
+                rows.extend((0..unit).map(|i| (((i * 7 + r * 13) % 17) as f32 - 8.0) / 10.0));
+            }
+        }
+        let queries: Vec<Vec<f32>> = (0..5)
+            .map(|q| {
+                (0..unit)
+                    .map(|i| {
+                        if q == 0 {
+                            0.125
+                        } else {
+                            (((i + q * 5) % 9) as f32 - 4.0) / 7.0
+                        }
+                    })
+                    .collect()
+            })
+            .collect();
+        for (per_row, qv) in [(1, 1), (4, 1), (4, 2)] {
+            let row_len = unit * per_row;
+            let n = rows.len() / row_len;
+            let rows = &rows[..n * row_len];
+            let qs: Vec<Vec<f32>> = queries
+                .iter()
+                .map(|q| q.iter().cycle().take(unit * qv).copied().collect())
+                .collect();
+            for k in [1, 10, n] {
+                for block in [unit * 7, 1 << 22] {
+                    let rq: Vec<RowQuery<'_>> = qs
+                        .iter()
+                        .enumerate()
+                        .map(|(i, v)| {
+                            let tr = (i * 31) % n;
+                            let ts = similarity(&rows[tr * row_len..(tr + 1) * row_len], v, unit);
+                            RowQuery {
+                                vector: v,
+                                target: Some((ts, tr as u64)),
+                            }
+                        })
+                        .collect();
+                    let got = exact_search_blocked(
+                        rows,
+                        row_len,
+                        unit,
+                        max_norm(rows, unit),
+                        &|r| r as u64,
+                        &rq,
+                        k,
+                        block,
+                    );
+                    for (q, g) in rq.iter().zip(&got) {
+                        assert_eq!(
+                            *g,
+                            naive(rows, row_len, unit, q, k),
+                            "per_row {per_row}, qv {qv}, k {k}, block {block}"
+                        );
+                    }
+                }
+            }
+        }
     }
 
     #[test]

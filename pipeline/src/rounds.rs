@@ -637,10 +637,12 @@ pub fn run_wave(
 ) -> (Vec<Record>, StageSeconds) {
     let mut wave = Wave::start(models, ctx, worker, ids, &|id| index.contains(id));
     while !wave.is_done() {
-        let results = wave
+        // the wave's queries in one pass over the index
+        let queries: Vec<(Option<&str>, &[f32])> = wave
             .queries()
-            .map(|(target, v)| index.search(v, ctx.config.run.top_k, Some(target)))
+            .map(|(target, v)| (Some(target), v))
             .collect();
+        let results = index.search_batch(&queries, ctx.config.run.top_k);
         wave.resume(models, ctx, results);
     }
     let seconds = wave.seconds.clone();
