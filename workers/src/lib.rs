@@ -26,6 +26,7 @@ pub mod seed;
 pub mod simulation;
 pub mod tiny;
 pub mod vlm;
+pub mod vlms;
 
 use std::sync::Arc;
 

@@ -1,0 +1,10 @@
+//! Vision-language models from Hugging Face checkpoints (local folders or
+//! Hub ids), computing what transformers computes: see [`load_vlm`].
+//! Parity with transformers is tested on tiny random checkpoints made by
+//! `scripts/fixtures/make_vlm_fixtures.py` (`tests/vlm_parity.rs`).
+//!
+//! Implemented: Gemma 3 multimodal ([`gemma3`]). Not yet: Qwen3-VL.
+
+pub mod gemma3;
+
+pub use gemma3::{load_vlm, Gemma3Vlm};

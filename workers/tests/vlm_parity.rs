@@ -1,0 +1,467 @@
+//! Parity of mirgen's Gemma 3 VLM (`Gemma3ForConditionalGeneration`) with
+//! transformers, on the tiny random checkpoint of
+//! `workers/tests/fixtures/vlm/gemma3/` (made by
+//! `scripts/fixtures/make_vlm_fixtures.py`; see its `golden.json`): chat
+//! prompt ids, pixel values, image features, first-step logits and greedy
+//! tokens (with and without a repetition penalty) for a prompt with one
+//! image (and a system text), two images and none; the KV cache against a
+//! full recomputation; both weight layouts; seeded sampling; load errors.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use candle_core::{DType, Device, Tensor};
+use mirgen_workers::preprocess::to_rgb;
+use mirgen_workers::vlms::gemma3::Gemma3Vlm;
+use mirgen_workers::vlms::load_vlm;
+use mirgen_workers::{RgbImage, SamplingConfig, Vlm, VlmRequest};
+
+fn fixture() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/vlm/gemma3")
+}
+
+fn image_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/encoders/images")
+}
+
+struct Golden {
+    t: HashMap<String, Tensor>,
+    meta: serde_json::Value,
+}
+
+struct Case {
+    name: String,
+    system: Option<String>,
+    prompt: String,
+    images: Vec<String>,
+    text: String,
+    greedy: Vec<u32>,
+    greedy_penalty: Vec<u32>,
+    greedy_text: String,
+}
+
+impl Golden {
+    fn load() -> Golden {
+        let dir = fixture();
+        let t =
+            candle_core::safetensors::load(dir.join("golden.safetensors"), &Device::Cpu).unwrap();
+        let meta = serde_json::from_str(&std::fs::read_to_string(dir.join("golden.json")).unwrap())
+            .unwrap();
+        Golden { t, meta }
+    }
+
+    fn cases(&self) -> Vec<Case> {
+        let ids = |v: &serde_json::Value| -> Vec<u32> {
+            v.as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_u64().unwrap() as u32)
+                .collect()
+        };
+        self.meta["cases"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| Case {
+                name: c["name"].as_str().unwrap().into(),
+                system: c["system"].as_str().map(String::from),
+                prompt: c["prompt"].as_str().unwrap().into(),
+                images: c["images"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|s| s.as_str().unwrap().into())
+                    .collect(),
+                text: c["text"].as_str().unwrap().into(),
+                greedy: ids(&c["greedy_tokens"]),
+                greedy_penalty: ids(&c["greedy_tokens_repetition_penalty_1.1"]),
+                greedy_text: c["greedy_text"].as_str().unwrap().into(),
+            })
+            .collect()
+    }
+
+    fn ids(&self, case: &str) -> Vec<u32> {
+        self.t[&format!("{case}.input_ids")]
+            .to_dtype(DType::U32)
+            .unwrap()
+            .to_vec1()
+            .unwrap()
+    }
+
+    fn tensor(&self, key: &str) -> &Tensor {
+        self.t
+            .get(key)
+            .unwrap_or_else(|| panic!("golden has no {key}"))
+    }
+}
+
+fn load_images(names: &[String]) -> Vec<RgbImage> {
+    names
+        .iter()
+        .map(|n| to_rgb(&image::open(image_dir().join(n)).unwrap()))
+        .collect()
+}
+
+/// Greedy decoding without a repetition penalty (transformers' do_sample=False).
+fn greedy() -> SamplingConfig {
+    SamplingConfig {
+        temperature: 0.0,
+        top_p: 1.0,
+        repetition_penalty: 1.0,
+    }
+}
+
+fn load(sampling: SamplingConfig) -> Gemma3Vlm {
+    Gemma3Vlm::load_dir(&fixture(), "fixture", sampling, &Device::Cpu).unwrap()
+}
+
+fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+    assert_eq!(a.dims(), b.dims(), "shapes differ");
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
+
+/// max |a - b| / max |b|.
+fn rel_err(ours: &Tensor, reference: &Tensor) -> f32 {
+    let scale = reference
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    max_abs_diff(ours, reference) / scale
+}
+
+fn argmax(t: &Tensor) -> u32 {
+    t.argmax(0).unwrap().to_scalar::<u32>().unwrap()
+}
+
+/// The golden's new tokens without a final stop token.
+fn strip_stop(tokens: &[u32], stop: &[u32]) -> Vec<u32> {
+    match tokens.last() {
+        Some(t) if stop.contains(t) => tokens[..tokens.len() - 1].to_vec(),
+        _ => tokens.to_vec(),
+    }
+}
+
+#[test]
+fn prompts_match_the_processor() {
+    let g = Golden::load();
+    let vlm = load(greedy());
+    let f = vlm.prompt_format().clone();
+    assert_eq!(f.mm_tokens_per_image, 4);
+    for c in g.cases() {
+        // the template text transformers rendered, with each image expanded as
+        // Gemma3Processor expands it
+        let expanded = c.text.replace(
+            "<start_of_image>",
+            &format!(
+                "\n\n<start_of_image>{}<end_of_image>\n\n",
+                "<image_soft_token>".repeat(4)
+            ),
+        );
+        assert_eq!(
+            f.render(c.system.as_deref(), &c.prompt, c.images.len()),
+            expanded,
+            "{}: prompt text",
+            c.name
+        );
+        let ids = vlm
+            .prompt_ids(c.system.as_deref(), &c.prompt, c.images.len())
+            .unwrap();
+        assert_eq!(ids, g.ids(&c.name), "{}: input ids", c.name);
+    }
+}
+
+#[test]
+fn pixel_values_and_image_features_match() {
+    let g = Golden::load();
+    let mut vlm = load(greedy());
+    let mut checked = 0;
+    for c in g.cases().iter().filter(|c| !c.images.is_empty()) {
+        let imgs = load_images(&c.images);
+        let refs: Vec<&RgbImage> = imgs.iter().collect();
+        let ours = vlm.pixel_values(&refs).unwrap();
+        let want = g.tensor(&format!("{}.pixel_values", c.name));
+        let d = max_abs_diff(&ours, want);
+        eprintln!(
+            "{}: pixel values max |ours - transformers| = {d:.3e}",
+            c.name
+        );
+        assert!(d <= 1e-6, "{}: pixel values differ by {d}", c.name);
+
+        let feats = vlm.model().image_features(want).unwrap();
+        let want = g.tensor(&format!("{}.image_features", c.name));
+        let e = rel_err(&feats, want);
+        eprintln!("{}: image features rel. err. = {e:.3e}", c.name);
+        assert!(e < 1e-4, "{}: image features rel. err. {e}", c.name);
+        checked += 1;
+    }
+    assert_eq!(checked, 2);
+}
+
+#[test]
+fn first_step_logits_match() {
+    let g = Golden::load();
+    let mut vlm = load(greedy());
+    for c in g.cases() {
+        let ids = g.ids(&c.name);
+        let pixels =
+            (!c.images.is_empty()).then(|| g.tensor(&format!("{}.pixel_values", c.name)).clone());
+        let logits = vlm.prefill(&ids, pixels.as_ref()).unwrap();
+        let want = g.tensor(&format!("{}.logits", c.name));
+        let e = rel_err(&logits, want);
+        eprintln!("{}: first-step logits rel. err. = {e:.3e}", c.name);
+        assert!(e < 1e-3, "{}: logits rel. err. {e}", c.name);
+        assert_eq!(argmax(&logits), argmax(want), "{}: argmax", c.name);
+    }
+}
+
+#[test]
+fn greedy_tokens_match() {
+    let g = Golden::load();
+    for (penalty, sampling) in [
+        (false, greedy()),
+        (
+            true,
+            SamplingConfig {
+                repetition_penalty: 1.1,
+                ..greedy()
+            },
+        ),
+    ] {
+        let mut vlm = load(sampling);
+        let stop = vlm.stop_ids().to_vec();
+        assert_eq!(stop, vec![1, 5], "stop ids from generation_config.json");
+        for c in g.cases() {
+            let imgs = load_images(&c.images);
+            let want = if penalty {
+                &c.greedy_penalty
+            } else {
+                &c.greedy
+            };
+            let want = strip_stop(want, &stop);
+            // end to end: images and texts in, as the pipeline calls it
+            let req = VlmRequest {
+                images: imgs.into_iter().map(Arc::new).collect(),
+                system: c.system.clone(),
+                prompt: c.prompt.clone(),
+                max_new_tokens: 8,
+                seed: 7,
+            };
+            let out = vlm.generate(std::slice::from_ref(&req)).unwrap();
+            assert_eq!(
+                out[0].token_ids, want,
+                "{} (repetition penalty {penalty}): greedy tokens",
+                c.name
+            );
+            if !penalty {
+                assert_eq!(out[0].text, c.greedy_text, "{}: decoded text", c.name);
+            }
+        }
+    }
+}
+
+#[test]
+fn kv_cache_matches_recomputation() {
+    // the logits after k decoding steps equal a fresh prefill of the prompt
+    // plus those k tokens (sliding window 3 < the 8 steps: the window moves)
+    let g = Golden::load();
+    let mut vlm = load(greedy());
+    for name in ["one_image", "two_images"] {
+        let ids = g.ids(name);
+        let pixels = g.tensor(&format!("{name}.pixel_values")).clone();
+        let tokens = vlm.generate_ids(&ids, Some(&pixels), 6, 0).unwrap();
+        assert_eq!(tokens.len(), 6);
+        let mut last = vlm.prefill(&ids, Some(&pixels)).unwrap();
+        let mut stepped = Vec::new();
+        for &t in &tokens {
+            last = vlm.model().step(t).unwrap();
+            stepped.push(last.clone());
+        }
+        let mut full = ids.clone();
+        full.extend(&tokens);
+        let fresh = vlm.prefill(&full, Some(&pixels)).unwrap();
+        let e = rel_err(&last, &fresh);
+        eprintln!("{name}: cached vs recomputed logits rel. err. = {e:.3e}");
+        assert!(e < 1e-4, "{name}: KV cache differs from recomputation: {e}");
+    }
+}
+
+#[test]
+fn both_weight_layouts_load_the_same() {
+    // transformers >= 4.52 saves model.language_model.*, model.vision_tower.*
+    // (no vision_model level in transformers 5), model.multi_modal_projector.*,
+    // lm_head.weight; the fixture has the Hub's layout. Also the Hub's
+    // preprocessor_config.json instead of processor_config.json.
+    let g = Golden::load();
+    let src = fixture();
+    let tmp = tempfile::tempdir().unwrap();
+    for f in [
+        "config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "generation_config.json",
+    ] {
+        std::fs::copy(src.join(f), tmp.path().join(f)).unwrap();
+    }
+    let proc: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(src.join("processor_config.json")).unwrap())
+            .unwrap();
+    let mut pre = proc["image_processor"].clone();
+    pre["image_seq_length"] = proc["image_seq_length"].clone();
+    std::fs::write(
+        tmp.path().join("preprocessor_config.json"),
+        serde_json::to_string(&pre).unwrap(),
+    )
+    .unwrap();
+    let w = candle_core::safetensors::load(src.join("model.safetensors"), &Device::Cpu).unwrap();
+    let mut renamed = HashMap::new();
+    for (k, v) in w {
+        let k = if let Some(r) = k.strip_prefix("language_model.model.") {
+            format!("model.language_model.{r}")
+        } else if let Some(r) = k.strip_prefix("vision_tower.vision_model.") {
+            format!("model.vision_tower.{r}")
+        } else if let Some(r) = k.strip_prefix("multi_modal_projector.") {
+            format!("model.multi_modal_projector.{r}")
+        } else {
+            panic!("unexpected key {k}")
+        };
+        if k == "model.language_model.embed_tokens.weight" {
+            renamed.insert("lm_head.weight".to_string(), v.clone());
+        }
+        renamed.insert(k, v);
+    }
+    candle_core::safetensors::save(&renamed, tmp.path().join("model.safetensors")).unwrap();
+    let mut a = load(greedy());
+    let mut b = Gemma3Vlm::load_dir(tmp.path(), "renamed", greedy(), &Device::Cpu).unwrap();
+    let c = &g.cases()[1];
+    let imgs = load_images(&c.images);
+    let refs: Vec<&RgbImage> = imgs.iter().collect();
+    let pa = a.pixel_values(&refs).unwrap();
+    let pb = b.pixel_values(&refs).unwrap();
+    assert_eq!(max_abs_diff(&pa, &pb), 0.0);
+    let ids = g.ids(&c.name);
+    let la = a.prefill(&ids, Some(&pa)).unwrap();
+    let lb = b.prefill(&ids, Some(&pb)).unwrap();
+    assert_eq!(max_abs_diff(&la, &lb), 0.0, "the layouts give other logits");
+    assert_ne!(a.info().fingerprint, b.info().fingerprint);
+}
+
+#[test]
+fn sampling_is_seeded_and_load_vlm_dispatches() {
+    let mut vlm = load_vlm(
+        fixture().to_str().unwrap(),
+        SamplingConfig::default(),
+        &Device::Cpu,
+    )
+    .unwrap();
+    let info = vlm.info();
+    assert_eq!(info.architecture, "gemma3");
+    assert!(!info.smoke_test);
+    let img = Arc::new(load_images(&["chelsea.png".into()]).remove(0));
+    let req = |seed| VlmRequest {
+        images: vec![img.clone()],
+        system: None,
+        prompt: "Describe this image.".into(),
+        max_new_tokens: 12,
+        seed,
+    };
+    let out = vlm.generate(&[req(1), req(1), req(2), req(3)]).unwrap();
+    assert_eq!(out[0], out[1], "same seed, same text");
+    assert!(out.iter().all(|o| o.token_ids.len() <= 12));
+    assert!(
+        out[0].token_ids != out[2].token_ids || out[0].token_ids != out[3].token_ids,
+        "the seed must matter"
+    );
+    // other model types are named
+    let clip = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/encoders/clip");
+    let e = load_vlm(
+        clip.to_str().unwrap(),
+        SamplingConfig::default(),
+        &Device::Cpu,
+    )
+    .err()
+    .expect("a CLIP folder is not a VLM")
+    .to_string();
+    assert!(
+        e.contains("config.json") && e.contains("\"clip\"") && e.contains("not a supported VLM"),
+        "{e}"
+    );
+}
+
+#[test]
+fn load_errors_name_the_file() {
+    let src = fixture();
+    let copy = || {
+        let tmp = tempfile::tempdir().unwrap();
+        for entry in std::fs::read_dir(&src).unwrap() {
+            let p = entry.unwrap().path();
+            std::fs::copy(&p, tmp.path().join(p.file_name().unwrap())).unwrap();
+        }
+        tmp
+    };
+    let err = |dir: &Path| {
+        Gemma3Vlm::load_dir(dir, "test", greedy(), &Device::Cpu)
+            .err()
+            .expect("loading must fail")
+            .to_string()
+    };
+
+    let tmp = copy();
+    std::fs::remove_file(tmp.path().join("tokenizer.json")).unwrap();
+    let e = err(tmp.path());
+    assert!(e.contains("tokenizer.json") && e.contains("missing"), "{e}");
+
+    let tmp = copy();
+    let w = tmp.path().join("model.safetensors");
+    let bytes = std::fs::read(&w).unwrap();
+    std::fs::write(&w, &bytes[..bytes.len() / 2]).unwrap();
+    let e = err(tmp.path());
+    assert!(
+        e.contains("model.safetensors") && e.contains("truncated"),
+        "{e}"
+    );
+
+    let tmp = copy();
+    std::fs::remove_file(tmp.path().join("processor_config.json")).unwrap();
+    let e = err(tmp.path());
+    assert!(e.contains("preprocessor_config.json"), "{e}");
+
+    // a tensor missing from the weights is named
+    let tmp = copy();
+    let w = tmp.path().join("model.safetensors");
+    let mut t = candle_core::safetensors::load(&w, &Device::Cpu).unwrap();
+    t.remove("multi_modal_projector.mm_input_projection_weight");
+    candle_core::safetensors::save(&t, &w).unwrap();
+    let e = err(tmp.path());
+    assert!(
+        e.contains("model.safetensors") && e.contains("mm_input_projection_weight"),
+        "{e}"
+    );
+
+    // a config that does not fit the weights
+    let tmp = copy();
+    let c = tmp.path().join("config.json");
+    let mut v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&c).unwrap()).unwrap();
+    v["mm_tokens_per_image"] = 9.into();
+    std::fs::write(&c, v.to_string()).unwrap();
+    let e = err(tmp.path());
+    assert!(
+        e.contains("config.json") && e.contains("mm_tokens_per_image"),
+        "{e}"
+    );
+}
