@@ -402,3 +402,51 @@ fn load_errors_name_the_missing_part() {
     let e = load_error(d.path());
     assert!(e.contains("cross_attention_dim"), "{e}");
 }
+
+#[test]
+fn transformers_4_text_encoder_keys_and_fp16_variants_load() {
+    // stabilityai/sd-turbo's text encoder was saved by transformers 4
+    // (`text_model.*` keys); its parts also come as `*.fp16.safetensors`.
+    let d = broken_copy(|p| {
+        let te = p.join("text_encoder/model.safetensors");
+        let t = candle_core::safetensors::load(&te, &Device::Cpu).unwrap();
+        let renamed: HashMap<String, Tensor> = t
+            .into_iter()
+            .map(|(k, v)| (format!("text_model.{k}"), v))
+            .collect();
+        candle_core::safetensors::save(&renamed, &te).unwrap();
+        let unet = p.join("unet/diffusion_pytorch_model.safetensors");
+        let t = candle_core::safetensors::load(&unet, &Device::Cpu).unwrap();
+        let half: HashMap<String, Tensor> = t
+            .into_iter()
+            .map(|(k, v)| (k, v.to_dtype(DType::F16).unwrap()))
+            .collect();
+        candle_core::safetensors::save(
+            &half,
+            p.join("unet/diffusion_pytorch_model.fp16.safetensors"),
+        )
+        .unwrap();
+        std::fs::remove_file(unet).unwrap();
+    });
+    let g = Golden::load();
+    let p = SdTurboPipeline::load_dir(d.path(), "variant", &Device::Cpu).unwrap();
+    let prompt = g.meta["prompt"].as_str().unwrap();
+    check(
+        "prompt_embeds (text_model.* keys)",
+        &p.encode_prompt(prompt).unwrap(),
+        g.get("prompt_embeds"),
+        TOL,
+    );
+    let t0 = g.run("turbo")["unet_timesteps"][0].as_f64().unwrap();
+    let out = p
+        .unet()
+        .forward(g.get("turbo.unet_input_0"), t0, g.get("prompt_embeds"))
+        .unwrap();
+    // f16 weights, f32 compute: only the weight rounding differs
+    check(
+        "UNet step 0 (fp16 weights)",
+        &out,
+        g.get("turbo.noise_pred_0"),
+        1e-2,
+    );
+}

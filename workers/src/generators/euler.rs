@@ -74,7 +74,7 @@ impl EulerDiscreteConfig {
             }
         }
         let v = c.value();
-        if !v["trained_betas"].is_null() && v.get("trained_betas").is_some() {
+        if !v["trained_betas"].is_null() {
             return Err(c.error("trained_betas is not supported".into()));
         }
         for key in [
@@ -356,6 +356,90 @@ mod tests {
         assert!((s1.sigmas()[0] - 14.614646911621094).abs() < 1e-5);
         assert_eq!(s1.sigmas()[1], 0.0);
         assert!((s1.init_noise_sigma() - 14.614646911621094).abs() < 1e-5);
+    }
+
+    fn close(a: &[f64], b: &[f64]) {
+        assert_eq!(a.len(), b.len(), "{a:?} vs {b:?}");
+        for (x, y) in a.iter().zip(b) {
+            assert!((x - y).abs() <= 1e-6 * y.abs().max(1.0), "{a:?} vs {b:?}");
+        }
+    }
+
+    #[test]
+    fn spacings_and_v_prediction_match_diffusers() {
+        // diffusers 0.42: EulerDiscreteScheduler(scaled_linear 0.00085..0.012,
+        // steps_offset=1, timestep_spacing=...).set_timesteps(3)
+        let build = |sp| {
+            EulerDiscreteConfig {
+                timestep_spacing: sp,
+                ..Default::default()
+            }
+            .build(3)
+            .unwrap()
+        };
+        let s = build(TimestepSpacing::Leading);
+        assert_eq!(s.timesteps(), &[667.0, 334.0, 1.0]);
+        close(
+            s.sigmas(),
+            &[
+                2.9295499324798584,
+                0.9355102181434631,
+                0.04131447896361351,
+                0.0,
+            ],
+        );
+        close(&[s.init_noise_sigma()], &[3.0955231189727783]);
+        let s = build(TimestepSpacing::Linspace);
+        assert_eq!(s.timesteps(), &[999.0, 499.5, 0.0]);
+        close(
+            s.sigmas(),
+            &[
+                14.614646911621094,
+                1.6155834197998047,
+                0.02916753478348255,
+                0.0,
+            ],
+        );
+        close(&[s.init_noise_sigma()], &[14.614646911621094]);
+        let s = build(TimestepSpacing::Trailing);
+        assert_eq!(s.timesteps(), &[999.0, 666.0, 332.0]);
+        close(
+            s.sigmas(),
+            &[
+                14.614646911621094,
+                2.9183084964752197,
+                0.9292148947715759,
+                0.0,
+            ],
+        );
+        // linear betas 1e-4..0.02, leading, no offset, v_prediction, 2 steps;
+        // step(model_output=[0.1, 0.2, -0.3], t=500, sample=[0.5, -1, 2])
+        let s = EulerDiscreteConfig {
+            beta_start: 0.0001,
+            beta_end: 0.02,
+            scaled_linear: false,
+            prediction_type: PredictionType::VPrediction,
+            timestep_spacing: TimestepSpacing::Leading,
+            steps_offset: 0,
+            ..Default::default()
+        }
+        .build(2)
+        .unwrap();
+        assert_eq!(s.timesteps(), &[500.0, 0.0]);
+        close(s.sigmas(), &[3.442967414855957, 0.010001329705119133, 0.0]);
+        close(&[s.init_noise_sigma()], &[3.5852510929107666]);
+        let dev = candle_core::Device::Cpu;
+        let x = Tensor::new(&[[0.5f32, -1.0, 2.0]], &dev).unwrap();
+        let m = Tensor::new(&[[0.1f32, 0.2, -0.3]], &dev).unwrap();
+        let next = s.step(&m, 0, &x).unwrap().to_vec2::<f32>().unwrap();
+        let want = [
+            -0.055514633655548096,
+            -0.2719804644584656,
+            0.44820845127105713,
+        ];
+        for (a, b) in next[0].iter().zip(want) {
+            assert!((*a as f64 - b).abs() < 1e-5, "{next:?} vs {want:?}");
+        }
     }
 
     #[test]
