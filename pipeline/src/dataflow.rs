@@ -35,7 +35,7 @@ use timely::dataflow::operators::generic::Operator;
 use timely::dataflow::operators::{ConnectLoop, Feedback, Probe};
 
 use crate::commit::Output;
-use crate::index::{merge_shard_hits, IndexShard, ShardHits};
+use crate::index::{merge_shard_hits, IndexShard, RowQuery, ShardHits};
 use crate::progress::Progress;
 use crate::rounds::{run_wave, Models, StageSeconds, Wave, WaveContext};
 use crate::store::Location;
@@ -488,8 +488,10 @@ pub fn run(shared: Arc<JobShared>, timely_args: Vec<String>) -> Result<(), Strin
                         input.for_each(|cap, data| {
                             let mut session = output.session(&cap);
                             // the queries that arrived together in one pass over the shard
-                            let batch: Vec<(&[f32], Option<(f32, u64)>)> =
-                                data.iter().map(|q| (q.vector.as_slice(), q.target)).collect();
+                            let batch: Vec<RowQuery<'_>> = data
+                                .iter()
+                                .map(|q| RowQuery { vector: &q.vector, target: q.target })
+                                .collect();
                             let hits = shard.search_batch(&batch, top_k);
                             for (q, hits) in data.drain(..).zip(hits) {
                                 session.give(ShardReply {

@@ -842,26 +842,25 @@ impl IndexShard {
 
     /// This shard's best `top_k` rows and how many of its rows beat the target.
     pub fn search(&self, query: &[f32], top_k: usize, target: Option<(f32, u64)>) -> ShardHits {
-        self.search_batch(&[(query, target)], top_k).remove(0)
+        self.search_batch(
+            &[RowQuery {
+                vector: query,
+                target,
+            }],
+            top_k,
+        )
+        .remove(0)
     }
 
     /// [`Self::search`] for several queries in one GEMM pass ([`exact_search`]).
-    pub fn search_batch(
-        &self,
-        queries: &[(&[f32], Option<(f32, u64)>)],
-        top_k: usize,
-    ) -> Vec<ShardHits> {
-        let row_queries: Vec<RowQuery<'_>> = queries
-            .iter()
-            .map(|&(vector, target)| RowQuery { vector, target })
-            .collect();
+    pub fn search_batch(&self, row_queries: &[RowQuery<'_>], top_k: usize) -> Vec<ShardHits> {
         exact_search(
             &self.vectors,
             self.dim,
             self.unit,
             self.max_norm,
             &|r| self.positions[r],
-            &row_queries,
+            row_queries,
             top_k,
         )
         .into_iter()

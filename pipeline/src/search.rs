@@ -315,6 +315,44 @@ pub fn top_k_row(scores: &[f32], k: usize) -> Vec<(u32, f32)> {
     best
 }
 
+/// `dst (m x n) = lhs (m x k) . rhs (n x k)^T`, all row-major f32, on the
+/// calling thread (the caller is already one of the dataflow's workers).
+pub fn gemm_nt(m: usize, n: usize, k: usize, lhs: &[f32], rhs: &[f32], dst: &mut [f32]) {
+    assert!(lhs.len() >= m * k && rhs.len() >= n * k && dst.len() >= m * n);
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        dst[..m * n].fill(0.0);
+        return;
+    }
+    // SAFETY: the asserts above bound every element the strides address:
+    // lhs[i * k + p], rhs[j * k + p] and dst[i * n + j] for i < m, j < n, p < k.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            n as isize,
+            false,
+            lhs.as_ptr(),
+            1,
+            k as isize,
+            rhs.as_ptr(),
+            k as isize,
+            1,
+            0.0,
+            1.0,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        );
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -369,43 +407,5 @@ mod tests {
         assert_eq!(r, vec![(1, 0.9), (3, 0.9), (5, 0.7)]);
         assert!(top_k_row(&[1.0], 0).is_empty());
         assert_eq!(top_k_row(&[1.0, 2.0], 5).len(), 2);
-    }
-}
-
-/// `dst (m x n) = lhs (m x k) . rhs (n x k)^T`, all row-major f32, on the
-/// calling thread (the caller is already one of the dataflow's workers).
-pub fn gemm_nt(m: usize, n: usize, k: usize, lhs: &[f32], rhs: &[f32], dst: &mut [f32]) {
-    assert!(lhs.len() >= m * k && rhs.len() >= n * k && dst.len() >= m * n);
-    if m == 0 || n == 0 {
-        return;
-    }
-    if k == 0 {
-        dst[..m * n].fill(0.0);
-        return;
-    }
-    // SAFETY: the asserts above bound every element the strides address:
-    // lhs[i * k + p], rhs[j * k + p] and dst[i * n + j] for i < m, j < n, p < k.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst.as_mut_ptr(),
-            1,
-            n as isize,
-            false,
-            lhs.as_ptr(),
-            1,
-            k as isize,
-            rhs.as_ptr(),
-            k as isize,
-            1,
-            0.0,
-            1.0,
-            false,
-            false,
-            false,
-            gemm::Parallelism::None,
-        );
     }
 }
