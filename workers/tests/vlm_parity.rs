@@ -465,3 +465,48 @@ fn load_errors_name_the_file() {
         "{e}"
     );
 }
+
+#[test]
+fn top_k_of_generation_config_follows_the_repetition_penalty() {
+    // generation_config.json's top_k (Gemma 3 ships 64) applies when
+    // sampling, after the repetition penalty (transformers' order): with
+    // top_k = 1, sampling at any temperature is greedy decoding with the
+    // penalty, token for token
+    let g = Golden::load();
+    let src = fixture();
+    let tmp = tempfile::tempdir().unwrap();
+    for entry in std::fs::read_dir(&src).unwrap() {
+        let p = entry.unwrap().path();
+        std::fs::copy(&p, tmp.path().join(p.file_name().unwrap())).unwrap();
+    }
+    let gc = tmp.path().join("generation_config.json");
+    let mut v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&gc).unwrap()).unwrap();
+    assert_eq!(v["top_k"], 64);
+    assert_eq!(load(greedy()).top_k(), Some(64));
+    v["top_k"] = 1.into();
+    std::fs::write(&gc, v.to_string()).unwrap();
+    let sampling = SamplingConfig {
+        temperature: 1.5,
+        top_p: 0.9,
+        repetition_penalty: 1.1,
+    };
+    let mut vlm = Gemma3Vlm::load_dir(tmp.path(), "top-k 1", sampling, &Device::Cpu).unwrap();
+    assert_eq!(vlm.top_k(), Some(1));
+    let stop = vlm.stop_ids().to_vec();
+    let mut differs_from_plain_greedy = false;
+    for c in g.cases() {
+        let ids = g.ids(&c.name);
+        let pixels =
+            (!c.images.is_empty()).then(|| g.tensor(&format!("{}.pixel_values", c.name)).clone());
+        for seed in [1, 2] {
+            let got = vlm.generate_ids(&ids, pixels.as_ref(), 8, seed).unwrap();
+            assert_eq!(got, strip_stop(&c.greedy_penalty, &stop), "{}", c.name);
+        }
+        differs_from_plain_greedy |= c.greedy_penalty != c.greedy;
+    }
+    assert!(
+        differs_from_plain_greedy,
+        "the fixture must show the penalty"
+    );
+}

@@ -932,6 +932,8 @@ pub struct Gemma3Vlm {
     processor: ImageProcessor,
     format: PromptFormat,
     stop_ids: Vec<u32>,
+    /// `top_k` of generation_config.json, applied when sampling.
+    top_k: Option<usize>,
     sampling: SamplingConfig,
     device: Device,
     info: ModelInfo,
@@ -1044,11 +1046,14 @@ impl Gemma3Vlm {
             image_token: token_of(cfg.image_token_id, "image_token_index")?,
             mm_tokens_per_image: cfg.mm_tokens_per_image,
         };
-        // stop ids: generation_config.json, else config.json + <end_of_turn>
+        // stop ids: generation_config.json, else config.json + <end_of_turn>;
+        // top_k as transformers merges it into a sampling call (Gemma 3: 64)
         let mut stop_ids = Vec::new();
+        let mut top_k = None;
         if dir.join("generation_config.json").exists() {
             let g = ConfigReader::read(dir, "generation_config.json")?;
             stop_ids = id_list(&g, "eos_token_id")?;
+            top_k = g.opt_usize("top_k")?.filter(|&k| k > 0);
         }
         if stop_ids.is_empty() {
             stop_ids = cfg.eos_token_ids.clone();
@@ -1080,6 +1085,7 @@ impl Gemma3Vlm {
             processor,
             format,
             stop_ids,
+            top_k,
             sampling,
             device: device.clone(),
             info: ModelInfo {
@@ -1105,6 +1111,13 @@ impl Gemma3Vlm {
 
     pub fn prompt_format(&self) -> &PromptFormat {
         &self.format
+    }
+
+    /// `top_k` of generation_config.json: when sampling (temperature > 0)
+    /// only the k most likely tokens are candidates, as transformers'
+    /// `generate` applies it (after the repetition penalty, before top-p).
+    pub fn top_k(&self) -> Option<usize> {
+        self.top_k
     }
 
     /// Token ids that end a generation.
@@ -1166,9 +1179,26 @@ impl Gemma3Vlm {
         }
         let mut logits = self.prefill(ids, pixel_values)?;
         let mut context = ids.to_vec();
-        let mut sampler = Sampler::new(&self.sampling, seed);
+        // transformers' order: repetition penalty, then temperature, top-k,
+        // top-p; the penalty is applied here so that top-k follows it
+        let penalty = self.sampling.repetition_penalty;
+        let mut sampler = Sampler::new(
+            &SamplingConfig {
+                repetition_penalty: 1.0,
+                ..self.sampling.clone()
+            },
+            seed,
+        );
+        let top_k = self.top_k.filter(|_| self.sampling.temperature > 0.0);
         let max_pos = self.model.cfg.text.max_position_embeddings;
         loop {
+            if (penalty - 1.0).abs() > f32::EPSILON {
+                logits =
+                    candle_transformers::utils::apply_repeat_penalty(&logits, penalty, &context)?;
+            }
+            if let Some(k) = top_k {
+                logits = keep_top_k(&logits, k)?;
+            }
             let token = sampler.sample(&logits, &context)?;
             if self.stop_ids.contains(&token) {
                 break;
@@ -1195,6 +1225,25 @@ impl Gemma3Vlm {
         let text = self.tokenizer.decode(&token_ids, true).map_err(tok_err)?;
         Ok(VlmOutput { text, token_ids })
     }
+}
+
+/// transformers' `TopKLogitsWarper`: logits below the k-th largest become
+/// -inf (ties with the k-th are kept).
+fn keep_top_k(logits: &Tensor, k: usize) -> Result<Tensor> {
+    let mut v = logits.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+    if k >= v.len() {
+        return Ok(logits.clone());
+    }
+    let mut sorted = v.clone();
+    sorted.sort_unstable_by(|a, b| b.total_cmp(a));
+    let kth = sorted[k - 1];
+    for x in v.iter_mut() {
+        if *x < kth {
+            *x = f32::NEG_INFINITY;
+        }
+    }
+    let n = v.len();
+    Ok(Tensor::from_vec(v, n, logits.device())?)
 }
 
 impl Vlm for Gemma3Vlm {
