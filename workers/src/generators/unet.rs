@@ -721,3 +721,72 @@ impl UNet2DCondition {
         xs.apply(&self.conv_out)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The SD 2.x `unet/config.json` as `stabilityai/sd-turbo` publishes it
+    /// (transcribed: no checkpoint could be downloaded where this was written).
+    const SD_TURBO_UNET: &str = r#"{
+      "_class_name": "UNet2DConditionModel", "_diffusers_version": "0.24.0.dev0",
+      "act_fn": "silu", "addition_embed_type": null, "addition_embed_type_num_heads": 64,
+      "addition_time_embed_dim": null, "attention_head_dim": [5, 10, 20, 20],
+      "attention_type": "default", "block_out_channels": [320, 640, 1280, 1280],
+      "center_input_sample": false, "class_embed_type": null, "class_embeddings_concat": false,
+      "conv_in_kernel": 3, "conv_out_kernel": 3, "cross_attention_dim": 1024,
+      "cross_attention_norm": null,
+      "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+      "downsample_padding": 1, "dual_cross_attention": false, "encoder_hid_dim": null,
+      "encoder_hid_dim_type": null, "flip_sin_to_cos": true, "freq_shift": 0, "in_channels": 4,
+      "layers_per_block": 2, "mid_block_only_cross_attention": null, "mid_block_scale_factor": 1,
+      "mid_block_type": "UNetMidBlock2DCrossAttn", "norm_eps": 1e-05, "norm_num_groups": 32,
+      "num_attention_heads": null, "num_class_embeds": null, "only_cross_attention": false,
+      "out_channels": 4, "projection_class_embeddings_input_dim": null,
+      "resnet_out_scale_factor": 1.0, "resnet_skip_time_act": false,
+      "resnet_time_scale_shift": "default", "sample_size": 64, "time_cond_proj_dim": null,
+      "time_embedding_act_fn": null, "time_embedding_dim": null,
+      "time_embedding_type": "positional", "timestep_post_act": null,
+      "transformer_layers_per_block": 1,
+      "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+      "upcast_attention": null, "use_linear_projection": true
+    }"#;
+
+    fn reader(text: &str) -> ConfigReader {
+        ConfigReader::from_value(
+            serde_json::from_str(text).unwrap(),
+            std::path::Path::new("unet/config.json"),
+        )
+    }
+
+    #[test]
+    fn sd_turbo_unet_config_parses() {
+        let c = UNetConfig::from_diffusers(&reader(SD_TURBO_UNET)).unwrap();
+        assert_eq!(c.num_attention_heads, vec![5, 10, 20, 20]);
+        assert_eq!(c.layers_per_block, vec![2; 4]);
+        assert_eq!(c.down_cross_attn, vec![true, true, true, false]);
+        assert_eq!(c.up_cross_attn, vec![false, true, true, true]);
+        assert_eq!((c.cross_attention_dim, c.sample_size), (1024, 64));
+        assert!(c.use_linear_projection);
+    }
+
+    #[test]
+    fn unsupported_unet_options_are_named() {
+        let sdxl_like = SD_TURBO_UNET.replace(
+            "\"addition_embed_type\": null",
+            "\"addition_embed_type\": \"text_time\"",
+        );
+        let e = UNetConfig::from_diffusers(&reader(&sdxl_like))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("addition_embed_type"), "{e}");
+        let odd = SD_TURBO_UNET.replace(
+            "\"attention_head_dim\": [5, 10, 20, 20]",
+            "\"attention_head_dim\": [3, 10, 20, 20]",
+        );
+        let e = UNetConfig::from_diffusers(&reader(&odd))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("attention heads"), "{e}");
+    }
+}
