@@ -510,3 +510,26 @@ fn top_k_of_generation_config_follows_the_repetition_penalty() {
         "the fixture must show the penalty"
     );
 }
+
+#[test]
+fn half_precision_runs_close_to_f32() {
+    // half precision on the CPU (candle has no CPU BF16 matmul; a GPU run
+    // would use BF16 through the same code): rounding only
+    let g = Golden::load();
+    let mut vlm =
+        Gemma3Vlm::load_dir_dtype(&fixture(), "fixture", greedy(), &Device::Cpu, DType::F16)
+            .unwrap();
+    for c in g.cases() {
+        let ids = g.ids(&c.name);
+        let pixels =
+            (!c.images.is_empty()).then(|| g.tensor(&format!("{}.pixel_values", c.name)).clone());
+        let logits = vlm.prefill(&ids, pixels.as_ref()).unwrap();
+        assert_eq!(logits.dtype(), DType::F32);
+        let e = rel_err(&logits, g.tensor(&format!("{}.logits", c.name)));
+        eprintln!("{}: f16 first-step logits rel. err. = {e:.3e}", c.name);
+        assert!(e < 2e-2, "{}: f16 logits rel. err. {e}", c.name);
+        let tokens = vlm.generate_ids(&ids, pixels.as_ref(), 4, 0).unwrap();
+        assert!(tokens.len() <= 4);
+    }
+    assert!(Gemma3Vlm::load_dir_dtype(&fixture(), "x", greedy(), &Device::Cpu, DType::U8).is_err());
+}

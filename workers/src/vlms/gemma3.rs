@@ -493,7 +493,9 @@ impl Attention {
         if let Some(m) = mask {
             w = w.broadcast_add(m)?;
         }
-        let w = candle_nn::ops::softmax_last_dim(&w)?;
+        // softmax in f32, as transformers' eager attention computes it
+        let dtype = w.dtype();
+        let w = candle_nn::ops::softmax_last_dim(&w.to_dtype(DType::F32)?)?.to_dtype(dtype)?;
         w.matmul(&v)?
             .transpose(1, 2)?
             .reshape((b, n, self.heads * self.head_dim))?
@@ -605,6 +607,7 @@ impl TextModel {
         if l == 1 && t < sw {
             return Ok((None, None));
         }
+        let dtype = self.embed_tokens.embeddings().dtype();
         let build = |sliding: bool| -> candle_core::Result<Tensor> {
             let mut m = vec![0f32; l * (t + l)];
             for i in 0..l {
@@ -619,7 +622,7 @@ impl TextModel {
                     }
                 }
             }
-            Tensor::from_vec(m, (1, 1, l, t + l), device)
+            Tensor::from_vec(m, (1, 1, l, t + l), device)?.to_dtype(dtype)
         };
         Ok((Some(build(false)?), Some(build(true)?)))
     }
@@ -639,8 +642,13 @@ impl TextModel {
         let device = embeds.device().clone();
         let (full_mask, sliding_mask) = self.masks(groups, &device)?;
         let d = self.cfg.head_dim;
-        let (gcos, gsin) = rope_tables(&self.cfg.rope_global, d, self.seq_len, l, &device)?;
-        let (lcos, lsin) = rope_tables(&self.cfg.rope_local, d, self.seq_len, l, &device)?;
+        let dtype = embeds.dtype();
+        let tables = |rope: &Rope| -> candle_core::Result<(Tensor, Tensor)> {
+            let (c, s) = rope_tables(rope, d, self.seq_len, l, &device)?;
+            Ok((c.to_dtype(dtype)?, s.to_dtype(dtype)?))
+        };
+        let (gcos, gsin) = tables(&self.cfg.rope_global)?;
+        let (lcos, lsin) = tables(&self.cfg.rope_local)?;
         let mut x = embeds.clone();
         for layer in &mut self.layers {
             let (cos, sin, mask) = match layer.kind {
@@ -804,7 +812,8 @@ impl Gemma3Model {
     /// Projected image tokens of preprocessed images: (B, 3, H, W) ->
     /// (B, mm_tokens_per_image, text hidden).
     pub fn image_features(&self, pixel_values: &Tensor) -> candle_core::Result<Tensor> {
-        let v = self.vision.forward(pixel_values)?;
+        let dtype = self.vision.position_embedding.dtype();
+        let v = self.vision.forward(&pixel_values.to_dtype(dtype)?)?;
         self.projector.forward(&v)
     }
 
@@ -950,13 +959,33 @@ impl Gemma3Vlm {
         Self::load_dir(&dir, &source, sampling, device)
     }
 
-    /// Loads a local folder; `source` is recorded in [`ModelInfo`].
+    /// Loads a local folder in f32; `source` is recorded in [`ModelInfo`].
     pub fn load_dir(
         dir: &Path,
         source: &str,
         sampling: SamplingConfig,
         device: &Device,
     ) -> Result<Self> {
+        Self::load_dir_dtype(dir, source, sampling, device, DType::F32)
+    }
+
+    /// Loads a local folder with the weights and activations in `dtype`
+    /// (F32, or BF16/F16 to halve memory on a GPU). As in transformers,
+    /// RMSNorm and the attention softmax compute in f32 and RoPE tables are
+    /// computed in f32 then cast; logits are returned as f32. Outputs differ
+    /// from f32 by rounding; the parity tests are f32.
+    pub fn load_dir_dtype(
+        dir: &Path,
+        source: &str,
+        sampling: SamplingConfig,
+        device: &Device,
+        dtype: DType,
+    ) -> Result<Self> {
+        if !matches!(dtype, DType::F32 | DType::BF16 | DType::F16) {
+            return Err(WorkerError::Invalid(format!(
+                "dtype {dtype:?}: Gemma 3 runs in F32, BF16 or F16"
+            )));
+        }
         let cfg_file = ConfigReader::read(dir, "config.json")?;
         match cfg_file.str("model_type") {
             Some("gemma3") => {}
@@ -1068,6 +1097,7 @@ impl Gemma3Vlm {
             )));
         }
         let (vb, label) = var_builder(dir, device)?;
+        let vb = vb.set_dtype(dtype);
         let model = Gemma3Model::new(&cfg, vb).map_err(|e| weights_err(&label, e))?;
         let text_spec = hf::TextSpec {
             max_len: cfg.text.max_position_embeddings,
@@ -1077,7 +1107,10 @@ impl Gemma3Vlm {
         let gen = std::fs::read(dir.join("generation_config.json")).unwrap_or_default();
         let mut h = <sha2::Sha256 as sha2::Digest>::new();
         sha2::Digest::update(&mut h, &gen);
-        sha2::Digest::update(&mut h, format!("{sampling:?}/{stop_ids:?}").as_bytes());
+        sha2::Digest::update(
+            &mut h,
+            format!("{sampling:?}/{stop_ids:?}/{dtype:?}").as_bytes(),
+        );
         let extra = hex::encode(&sha2::Digest::finalize(h)[..8]);
         Ok(Gemma3Vlm {
             model,
