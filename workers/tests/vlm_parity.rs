@@ -533,3 +533,53 @@ fn half_precision_runs_close_to_f32() {
     }
     assert!(Gemma3Vlm::load_dir_dtype(&fixture(), "x", greedy(), &Device::Cpu, DType::U8).is_err());
 }
+
+#[test]
+fn a_genir_round_runs_through_the_query_writer() {
+    // caption -> compare (target, synthetic) -> refine with GenIR's default
+    // prompts, as the pipeline calls the VLM role
+    use mirgen_workers::roles::TokenBudgets;
+    use mirgen_workers::{Prompts, QueryWriter};
+    let vlm = load_vlm(
+        fixture().to_str().unwrap(),
+        SamplingConfig::default(),
+        &Device::Cpu,
+    )
+    .unwrap();
+    let mut qw = QueryWriter {
+        vlm,
+        prompts: Prompts::default(),
+        budgets: TokenBudgets {
+            caption: 16,
+            compare: 12,
+            refine: 16,
+        },
+    };
+    let imgs = load_images(&["chelsea.png".into(), "rocket.png".into()]);
+    let target = Arc::new(imgs[0].clone());
+    let synthetic = Arc::new(imgs[1].clone());
+    let cap_req = qw.caption_requests(&[(target.clone(), 11)]);
+    let caption = qw.run(&cap_req).unwrap().remove(0);
+    assert!(caption.token_ids.len() <= 16);
+    assert_eq!(qw.run(&cap_req).unwrap()[0], caption, "deterministic");
+    let cmp = qw
+        .run(&qw.compare_requests(&[mirgen_workers::roles::CompareItem {
+            target: target.clone(),
+            synthetic,
+            previous_caption: caption.text.clone(),
+            seed: 12,
+        }]))
+        .unwrap()
+        .remove(0);
+    assert!(cmp.token_ids.len() <= 12);
+    let refined = qw
+        .run(&qw.refine_requests(&[mirgen_workers::roles::RefineItem {
+            target,
+            feedback: cmp.text.clone(),
+            previous_caption: caption.text.clone(),
+            seed: 13,
+        }]))
+        .unwrap()
+        .remove(0);
+    assert!(refined.token_ids.len() <= 16);
+}

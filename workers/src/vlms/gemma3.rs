@@ -1254,7 +1254,10 @@ impl Gemma3Vlm {
             let imgs: Vec<&RgbImage> = req.images.iter().map(|i| i.as_ref()).collect();
             Some(self.pixel_values(&imgs)?)
         };
-        let token_ids = self.generate_ids(&ids, pixels.as_ref(), req.max_new_tokens, req.seed)?;
+        let token_ids = self.generate_ids(&ids, pixels.as_ref(), req.max_new_tokens, req.seed);
+        // free the KV cache between requests
+        self.model.text().clear_cache();
+        let token_ids = token_ids?;
         let text = self.tokenizer.decode(&token_ids, true).map_err(tok_err)?;
         Ok(VlmOutput { text, token_ids })
     }
