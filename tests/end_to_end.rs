@@ -1226,15 +1226,21 @@ fn a_run_ranks_the_corpus_with_a_hugging_face_checkpoint() {
             "[models.embedder]\npreset = \"tiny\"",
             "[models.embedder]\nmodel = \"encoder\"",
         );
+        // with CLIP, the drawings come from the tiny SD-Turbo checkpoint too
+        // (the path real weights take); with BLIP-2 from the stand-in
+        let generator = if arch == "clip" {
+            copy_tree(&generator_fixture(), &tmp.path().join("sd-turbo"));
+            "[models.generator]\nmodel = \"sd-turbo\""
+        } else {
+            "[models.generator]\npreset = \"simulation\""
+        };
         let text = text
             .replace(
                 "[models.vlm]\npreset = \"tiny\"",
                 "[models.vlm]\npreset = \"simulation\"",
             )
-            .replace(
-                "[models.generator]\npreset = \"tiny\"",
-                "[models.generator]\npreset = \"simulation\"",
-            );
+            .replace("[models.generator]\npreset = \"tiny\"", generator)
+            .replace("steps = 2\nguidance = 2.0", "steps = 1\nguidance = 0.0");
         std::fs::write(&config, text).unwrap();
         let out = tmp.path().join("out");
         run_job(&config, &out, 2);
@@ -1246,6 +1252,12 @@ fn a_run_ranks_the_corpus_with_a_hugging_face_checkpoint() {
             manifest["models"]["embedder"]["architecture"], expected_arch,
             "{manifest}"
         );
+        if arch == "clip" {
+            assert_eq!(manifest["models"]["generator"]["architecture"], "sd-turbo");
+            let drawing = rows[0].synthetic_image.as_ref().unwrap();
+            let drawing = mirgen_workers::image_io::decode_rgb("drawing", &drawing.bytes).unwrap();
+            assert_eq!(drawing.dimensions(), (32, 32));
+        }
         // the index names the encoder, its preprocessing and its shape
         let index_dir = out.join(".mirgen/index");
         let metas: Vec<serde_json::Value> = std::fs::read_dir(&index_dir)
@@ -1311,4 +1323,135 @@ fn copy_dir(from: &Path, to: &Path) {
         let e = e.unwrap();
         std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
     }
+}
+
+fn generator_fixture() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../workers/tests/fixtures/generators/sd-turbo")
+}
+
+fn copy_tree(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        if e.file_type().unwrap().is_dir() {
+            copy_tree(&e.path(), &to.join(e.file_name()));
+        } else {
+            std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+        }
+    }
+}
+
+#[test]
+fn generate_command_draws_what_diffusers_draws_from_the_same_latents() {
+    let fixture = generator_fixture();
+    let meta: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(fixture.join("golden.json")).unwrap()).unwrap();
+    let prompt = meta["prompt"].as_str().unwrap();
+    let golden = candle_core::safetensors::load(
+        fixture.join("golden.safetensors"),
+        &candle_core::Device::Cpu,
+    )
+    .unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let latents = tmp.path().join("latents.safetensors");
+    candle_core::safetensors::save(
+        &std::collections::HashMap::from([(
+            "latents".to_string(),
+            golden["turbo.init_latents"].clone(),
+        )]),
+        &latents,
+    )
+    .unwrap();
+    let reference = image::open(fixture.join("image_turbo.png"))
+        .unwrap()
+        .to_rgb8();
+    let mut drawn = Vec::new();
+    for seed in ["1", "2"] {
+        let out = tmp.path().join(format!("seed{seed}.png"));
+        let so = mirgen_ok(&[
+            "generate",
+            "--device",
+            "cpu",
+            "--model",
+            fixture.to_str().unwrap(),
+            "--prompt",
+            prompt,
+            "--init-latents",
+            latents.to_str().unwrap(),
+            "--steps",
+            "2",
+            "--guidance",
+            "0",
+            "--seed",
+            seed,
+            "--width",
+            "32",
+            "--out",
+            out.to_str().unwrap(),
+        ]);
+        assert!(String::from_utf8_lossy(&so.stdout).contains("\"width\":32"));
+        let img = image::open(&out).unwrap().to_rgb8();
+        assert_eq!(img.dimensions(), reference.dimensions());
+        let worst = img
+            .as_raw()
+            .iter()
+            .zip(reference.as_raw())
+            .map(|(a, b)| (*a as i16 - *b as i16).abs())
+            .max()
+            .unwrap();
+        assert!(
+            worst <= 1,
+            "pixels differ from diffusers' by up to {worst} levels"
+        );
+        drawn.push(std::fs::read(&out).unwrap());
+    }
+    assert_eq!(
+        drawn[0], drawn[1],
+        "with --init-latents the seed must not matter"
+    );
+    // seeded noise: the seed matters
+    let (a, b) = (tmp.path().join("a.png"), tmp.path().join("b.png"));
+    for (seed, out) in [("1", &a), ("2", &b)] {
+        mirgen_ok(&[
+            "generate",
+            "--model",
+            fixture.to_str().unwrap(),
+            "--prompt",
+            prompt,
+            "--seed",
+            seed,
+            "--out",
+            out.to_str().unwrap(),
+        ]);
+    }
+    assert_ne!(std::fs::read(&a).unwrap(), std::fs::read(&b).unwrap());
+    // a size the checkpoint does not draw, and a folder that is no pipeline, are named errors
+    let out = mirgen(&[
+        "generate",
+        "--model",
+        fixture.to_str().unwrap(),
+        "--prompt",
+        "x",
+        "--width",
+        "512",
+        "--out",
+        tmp.path().join("x.png").to_str().unwrap(),
+    ]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("32x32"));
+    let out = mirgen(&[
+        "generate",
+        "--model",
+        tmp.path().to_str().unwrap(),
+        "--prompt",
+        "x",
+        "--out",
+        tmp.path().join("x.png").to_str().unwrap(),
+    ]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("model_index.json"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }

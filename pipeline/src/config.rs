@@ -143,7 +143,19 @@ pub struct VlmConfig {
 pub struct GeneratorConfig {
     /// `tiny`: smoke-test latent diffusion model (64x64) with random weights;
     /// `simulation`: no model, 16x16 hash-coloured images (pipeline tests).
-    pub preset: String,
+    /// Give either `preset` or `model`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub preset: Option<String>,
+    /// A diffusers pipeline folder (relative to this config file) or Hub id
+    /// `owner/name[@revision]`: SD-Turbo and Stable Diffusion 1.x/2.x-style
+    /// `StableDiffusionPipeline` checkpoints with an Euler discrete
+    /// scheduler (e.g. `stabilityai/sd-turbo` with steps = 1, guidance = 0).
+    /// Try one with `mirgen generate --model ...`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model: Option<String>,
+    /// `model` with a relative folder resolved against the config's folder.
+    #[serde(skip)]
+    pub resolved_model: Option<String>,
     /// Denoising steps (GenIR's SD 3.5 default: 28).
     #[serde(default = "default_steps")]
     pub steps: usize,
@@ -160,6 +172,11 @@ fn default_guidance() -> f64 {
 }
 
 impl GeneratorConfig {
+    /// The preset name, or `model` for a checkpoint.
+    pub fn kind(&self) -> &str {
+        self.preset.as_deref().unwrap_or("model")
+    }
+
     pub fn diffusion(&self) -> DiffusionSettings {
         DiffusionSettings {
             steps: self.steps,
@@ -288,6 +305,37 @@ impl Default for BatchConfig {
     }
 }
 
+/// Checks that a role names exactly one of `preset` and `model`, and
+/// resolves a relative `model` folder against the config's folder (a Hub id
+/// stays as written).
+fn checkpoint(
+    role: &str,
+    preset: &Option<String>,
+    model: &Option<String>,
+    example: &str,
+    base: &Path,
+) -> Result<Option<String>, String> {
+    match (preset, model) {
+        (Some(_), Some(_)) => Err(format!(
+            "{role}: give either `preset` (tiny, simulation) or `model` (a Hugging Face folder or hub id), not both"
+        )),
+        (None, None) => Err(format!(
+            "{role}: missing `preset` (tiny, simulation) or `model` (a Hugging Face folder or hub id such as \"{example}\")"
+        )),
+        (None, Some(m)) => {
+            let local = base.join(m);
+            Ok(Some(
+                if !Path::new(m).is_absolute() && !m.starts_with("hf:") && local.exists() {
+                    local.display().to_string()
+                } else {
+                    m.clone()
+                },
+            ))
+        }
+        (Some(_), None) => Ok(None),
+    }
+}
+
 /// A parsed config and the folder its relative paths are relative to.
 #[derive(Clone, Debug)]
 pub struct LoadedConfig {
@@ -330,34 +378,30 @@ impl LoadedConfig {
             return Err(invalid("run.top_k must be at least 1".into()));
         }
         let mut config = config;
-        let embedder = &mut config.models.embedder;
-        match (&embedder.preset, &embedder.model) {
-            (Some(_), Some(_)) => {
-                return Err(invalid(
-                    "models.embedder: give either `preset` (tiny, simulation) or `model` (a Hugging Face folder or hub id), not both".into(),
-                ))
-            }
-            (None, None) => {
-                return Err(invalid(
-                    "models.embedder: missing `preset` (tiny, simulation) or `model` (a Hugging Face folder or hub id such as \"Salesforce/blip-itm-base-coco\")".into(),
-                ))
-            }
-            (None, Some(m)) => {
-                let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
-                let local = base.join(m);
-                embedder.resolved_model = Some(
-                    if !Path::new(m).is_absolute() && !m.starts_with("hf:") && local.exists() {
-                        local.display().to_string()
-                    } else {
-                        m.clone()
-                    },
-                );
-            }
-            (Some(_), None) => {}
-        }
+        let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
+        let m = &mut config.models;
+        m.embedder.resolved_model = checkpoint(
+            "models.embedder",
+            &m.embedder.preset,
+            &m.embedder.model,
+            "Salesforce/blip-itm-base-coco",
+            &base,
+        )
+        .map_err(invalid)?;
+        m.generator.resolved_model = checkpoint(
+            "models.generator",
+            &m.generator.preset,
+            &m.generator.model,
+            "stabilityai/sd-turbo",
+            &base,
+        )
+        .map_err(invalid)?;
         for (role, preset) in [
             ("models.vlm", config.models.vlm.preset.as_str()),
-            ("models.generator", config.models.generator.preset.as_str()),
+            (
+                "models.generator",
+                config.models.generator.preset.as_deref().unwrap_or("tiny"),
+            ),
             (
                 "models.embedder",
                 config.models.embedder.preset.as_deref().unwrap_or("tiny"),
@@ -391,7 +435,7 @@ impl LoadedConfig {
     /// True when any model is a smoke-test preset.
     pub fn smoke_test(&self) -> bool {
         let m = &self.config.models;
-        [&m.vlm.preset, &m.generator.preset, m.embedder.kind()]
+        [&m.vlm.preset, m.generator.kind(), m.embedder.kind()]
             .iter()
             .any(|p| *p == "tiny" || *p == "simulation")
     }

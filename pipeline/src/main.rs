@@ -60,6 +60,128 @@ enum Command {
         after_help = "Examples:\n  mirgen embed --model Salesforce/blip-itm-base-coco --image cat.jpg --text \"a cat on a sofa\"\n  mirgen embed --model ./clip-vit-base-patch16 --image a.png --image b.png\n\nOutput, one line per input (images first, then texts, each in the order given):\n  {\"input\": \"cat.jpg\", \"kind\": \"image\", \"embedding\": [...]}\nBLIP-2 image embeddings are one vector per query token: \"embedding\" is then a list of\nvectors (similarity to a text = the maximum over them). An input that fails prints\n{\"input\": ..., \"kind\": ..., \"error\": ...} and the command exits with status 1."
     )]
     Embed(EmbedArgs),
+    /// Draw one prompt with a diffusers checkpoint and write the image: the
+    /// single-shot command for debugging a generator and for external parity
+    /// checks (with --init-latents the result does not depend on the RNG).
+    #[command(
+        after_help = "Examples:\n  mirgen generate --model stabilityai/sd-turbo --prompt \"a red fox in snow\" --steps 1 --guidance 0 --out fox.png\n  mirgen generate --model ./sd-turbo --prompt \"a cat\" --init-latents noise.safetensors --out cat.png\n\n--init-latents takes a safetensors file holding one tensor (or one named \"latents\")\nof the model's latent shape (1, C, H/8, W/8), e.g. the latents a diffusers\npipeline was given."
+    )]
+    Generate(GenerateArgs),
+}
+
+#[derive(Args)]
+struct GenerateArgs {
+    /// A diffusers pipeline folder (model_index.json, text_encoder/, tokenizer/,
+    /// unet/, vae/, scheduler/) or a Hub id `owner/name[@revision]`.
+    #[arg(long, value_name = "FOLDER|HUB_ID")]
+    model: String,
+    /// The text to draw.
+    #[arg(long)]
+    prompt: String,
+    /// Seed of the initial noise (ignored with --init-latents).
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Initial latents from a safetensors file instead of seeded noise.
+    #[arg(long, value_name = "FILE.safetensors")]
+    init_latents: Option<PathBuf>,
+    /// Denoising steps (SD-Turbo: 1-4).
+    #[arg(long, default_value_t = 1)]
+    steps: usize,
+    /// Classifier-free guidance scale; <= 1 skips the unconditional pass (SD-Turbo: 0).
+    #[arg(long, default_value_t = 0.0)]
+    guidance: f64,
+    /// Expected output width; the checkpoint decides it (an error if it differs).
+    #[arg(long)]
+    width: Option<u32>,
+    /// Expected output height; the checkpoint decides it (an error if it differs).
+    #[arg(long)]
+    height: Option<u32>,
+    /// Output image (.png, or .jpg/.jpeg for JPEG at quality 95).
+    #[arg(long, value_name = "FILE")]
+    out: PathBuf,
+    /// Device: auto, cpu or cuda.
+    #[arg(long, default_value = "auto")]
+    device: String,
+}
+
+fn generate(args: GenerateArgs) -> anyhow::Result<()> {
+    use mirgen_workers::image_io::{encode, ImageEncoding};
+    let (device, line) = mirgen_workers::device::select(&args.device, 0);
+    eprintln!("{line}");
+    let mut model = mirgen_workers::generators::load_generator(
+        &args.model,
+        args.steps,
+        args.guidance,
+        &device,
+    )?;
+    let (w, h) = model.resolution();
+    if args.width.is_some_and(|x| x != w) || args.height.is_some_and(|x| x != h) {
+        anyhow::bail!(
+            "{} draws {w}x{h} images (its unet sample_size times the VAE factor); \
+             --width/--height cannot change that, drop them or use a checkpoint of that size",
+            args.model
+        );
+    }
+    let init_latents = match &args.init_latents {
+        None => None,
+        Some(p) => {
+            let tensors =
+                candle_core::safetensors::load(p, &candle_core::Device::Cpu).map_err(|e| {
+                    anyhow::anyhow!("{}: not a readable safetensors file ({e})", p.display())
+                })?;
+            let t = match tensors.get("latents") {
+                Some(t) => t.clone(),
+                None if tensors.len() == 1 => tensors.into_values().next().expect("one tensor"),
+                None => anyhow::bail!(
+                    "{}: holds {} tensors and none is named \"latents\"; save the initial latents alone or under that name",
+                    p.display(),
+                    tensors.len()
+                ),
+            };
+            Some(
+                t.to_dtype(candle_core::DType::F32)?
+                    .flatten_all()?
+                    .to_vec1::<f32>()?,
+            )
+        }
+    };
+    let info = model.info();
+    eprintln!(
+        "generator {} from {}, {w}x{h}, {} step(s), guidance {}",
+        info.architecture, info.source, args.steps, args.guidance
+    );
+    let mut images = model.generate(&[mirgen_workers::GenerateRequest {
+        prompt: args.prompt.clone(),
+        seed: args.seed,
+        init_latents,
+    }])?;
+    let img = images
+        .pop()
+        .ok_or_else(|| anyhow::anyhow!("the generator returned no image"))?;
+    let ext = args
+        .out
+        .extension()
+        .map(|e| e.to_string_lossy().to_lowercase())
+        .unwrap_or_default();
+    let encoding = match ext.as_str() {
+        "png" => ImageEncoding::Png,
+        "jpg" | "jpeg" => ImageEncoding::Jpeg,
+        _ => anyhow::bail!(
+            "--out {}: use a .png, .jpg or .jpeg file name",
+            args.out.display()
+        ),
+    };
+    let bytes = encode(&img, encoding, 95)?;
+    // write beside, then rename: no half-written image under the final name
+    let tmp = args.out.with_extension(format!("{ext}.partial"));
+    std::fs::write(&tmp, bytes)
+        .map_err(|e| anyhow::anyhow!("cannot write {}: {e}", tmp.display()))?;
+    std::fs::rename(&tmp, &args.out)?;
+    println!(
+        "{}",
+        serde_json::json!({"out": args.out.display().to_string(), "width": w, "height": h, "seed": args.seed})
+    );
+    Ok(())
 }
 
 #[derive(Args)]
@@ -735,6 +857,7 @@ fn main() -> ExitCode {
         Command::Bench(args) => bench(args),
         Command::Index(args) => index(args),
         Command::Embed(args) => embed(args),
+        Command::Generate(args) => generate(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

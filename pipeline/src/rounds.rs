@@ -53,9 +53,23 @@ impl Models {
                 device,
             )?),
         };
-        let generator: Box<dyn ImageGenerator> = match m.generator.preset.as_str() {
-            "simulation" => Box::new(SimGenerator { size: 16 }),
-            _ => Box::new(SdGenerator::tiny(seed, m.generator.diffusion(), device)?),
+        let generator: Box<dyn ImageGenerator> = if let Some(spec) = m
+            .generator
+            .resolved_model
+            .as_ref()
+            .or(m.generator.model.as_ref())
+        {
+            mirgen_workers::generators::load_generator(
+                spec,
+                m.generator.steps,
+                m.generator.guidance,
+                device,
+            )?
+        } else {
+            match m.generator.kind() {
+                "simulation" => Box::new(SimGenerator { size: 16 }),
+                _ => Box::new(SdGenerator::tiny(seed, m.generator.diffusion(), device)?),
+            }
         };
         Ok(Models {
             writer: QueryWriter {
