@@ -955,7 +955,7 @@ fn tok_err(e: impl std::fmt::Display) -> WorkerError {
 impl Gemma3Vlm {
     /// Loads a folder or Hub id (see [`crate::encoders::hf::resolve`]).
     pub fn load(spec: &str, sampling: SamplingConfig, device: &Device) -> Result<Self> {
-        let (dir, source) = resolve(spec)?;
+        let (dir, source) = resolve_vlm(spec)?;
         Self::load_dir(&dir, &source, sampling, device)
     }
 
@@ -1294,10 +1294,44 @@ impl Vlm for Gemma3Vlm {
     }
 }
 
+/// Files a VLM reads beyond the encoders' set ([`resolve`] fetches that).
+const VLM_EXTRA_HUB_FILES: &[&str] = &[
+    "generation_config.json",
+    "processor_config.json",
+    "chat_template.jinja",
+];
+
+/// [`resolve`], plus the VLM's extra files for a Hub id
+/// (`generation_config.json`: stop ids and top_k), fetched from the same
+/// commit. They are optional: a failed fetch leaves the defaults (stop at
+/// config.json's eos ids and `<end_of_turn>`, no top_k).
+pub fn resolve_vlm(spec: &str) -> Result<(std::path::PathBuf, String)> {
+    let (dir, source) = resolve(spec)?;
+    if let hf::ModelSource::Hub { repo, revision } = hf::parse_spec(spec) {
+        if !dir.join("generation_config.json").exists() {
+            // the commit resolve() pinned ("hub:owner/name@<commit>")
+            let revision = source
+                .rsplit_once('@')
+                .map(|(_, c)| c.to_string())
+                .or(revision);
+            let (owner, name) = repo.split_once('/').unwrap_or(("", repo.as_str()));
+            if let Ok(client) = hf_hub::HFClientSync::new() {
+                let _ = client
+                    .model(owner, name)
+                    .snapshot_download()
+                    .maybe_revision(revision)
+                    .allow_patterns(VLM_EXTRA_HUB_FILES.iter().map(|s| s.to_string()).collect())
+                    .send();
+            }
+        }
+    }
+    Ok((dir, source))
+}
+
 /// Loads a VLM from a folder or Hub id by `config.json`'s `model_type`
 /// (`gemma3`: Gemma 3 multimodal).
 pub fn load_vlm(spec: &str, sampling: SamplingConfig, device: &Device) -> Result<Box<dyn Vlm>> {
-    let (dir, source) = resolve(spec)?;
+    let (dir, source) = resolve_vlm(spec)?;
     let cfg = ConfigReader::read(&dir, "config.json")?;
     match cfg.str("model_type") {
         Some("gemma3") => Ok(Box::new(Gemma3Vlm::load_dir(&dir, &source, sampling, device)?)),

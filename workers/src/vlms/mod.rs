@@ -7,4 +7,4 @@
 
 pub mod gemma3;
 
-pub use gemma3::{load_vlm, Gemma3Vlm};
+pub use gemma3::{load_vlm, resolve_vlm, Gemma3Vlm};
