@@ -583,3 +583,27 @@ fn a_genir_round_runs_through_the_query_writer() {
         .remove(0);
     assert!(refined.token_ids.len() <= 16);
 }
+
+#[test]
+fn image_token_count_must_match_the_images() {
+    let mut vlm = load(greedy());
+    let ids = vlm.prompt_ids(None, "Describe.", 1).unwrap();
+    let e = vlm.prefill(&ids, None).unwrap_err().to_string();
+    assert!(
+        e.contains("invalid request") && e.contains("4 image tokens but 0 image(s)"),
+        "{e}"
+    );
+    // a prompt that spells out an image token
+    let img = Arc::new(load_images(&["chelsea.png".into()]).remove(0));
+    let e = vlm
+        .generate(&[VlmRequest {
+            images: vec![img],
+            system: None,
+            prompt: "what is <image_soft_token>?".into(),
+            max_new_tokens: 2,
+            seed: 0,
+        }])
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("5 image tokens but 1 image(s)"), "{e}");
+}

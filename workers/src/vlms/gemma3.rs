@@ -1188,13 +1188,24 @@ impl Gemma3Vlm {
                 "the prompt has {n} tokens, more than max_position_embeddings {max}"
             )));
         }
+        let image_id = self.model.cfg.image_token_id;
+        let mm = self.model.cfg.mm_tokens_per_image;
+        let n_tokens = ids.iter().filter(|&&i| i == image_id).count();
+        let n_images = match pixel_values {
+            None => 0,
+            Some(p) => p.dim(0)?,
+        };
+        if n_tokens != n_images * mm {
+            return Err(WorkerError::Invalid(format!(
+                "the prompt has {n_tokens} image tokens but {n_images} image(s) x {mm} tokens were given \
+                 (does the prompt text contain <image_soft_token>?)"
+            )));
+        }
         let feats = match pixel_values {
             None => None,
             Some(p) => Some(self.model.image_features(p)?),
         };
-        self.model
-            .prefill(ids, feats.as_ref())
-            .map_err(|e| WorkerError::Invalid(hf::plain(e)))
+        Ok(self.model.prefill(ids, feats.as_ref())?)
     }
 
     /// Decodes from prompt ids and pixel values; the generated ids (without
