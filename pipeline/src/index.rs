@@ -51,8 +51,8 @@ pub struct RowQuery<'a> {
     pub target: Option<(f32, u64)>,
 }
 
-/// Floats of GEMM scores computed at once (16 MiB).
-const SCORE_BLOCK: usize = 1 << 22;
+/// Floats of GEMM scores computed at once (4 MiB per searching worker).
+const SCORE_BLOCK: usize = 1 << 20;
 
 /// Largest vector norm of `v` split into `unit`-float vectors.
 pub fn max_norm(v: &[f32], unit: usize) -> f32 {
@@ -130,7 +130,7 @@ fn exact_search_blocked(
         let m = group.len() * qv;
         // approximate scores: (queries in group) x n, max over vector pairs
         let mut approx = vec![f32::NEG_INFINITY; group.len() * n];
-        let block = (block_floats / (m * per_row)).max(1);
+        let block = (block_floats / (m * per_row)).clamp(1, n);
         let mut tmp = vec![0f32; m * block * per_row];
         let mut start = 0;
         while start < n {
