@@ -1234,11 +1234,15 @@ fn a_run_ranks_the_corpus_with_a_hugging_face_checkpoint() {
         } else {
             "[models.generator]\npreset = \"simulation\""
         };
+        // and the queries from the tiny Gemma 3: every role on a checkpoint
+        let vlm = if arch == "clip" {
+            copy_tree(&vlm_fixture(), &tmp.path().join("gemma3"));
+            "[models.vlm]\nmodel = \"gemma3\""
+        } else {
+            "[models.vlm]\npreset = \"simulation\""
+        };
         let text = text
-            .replace(
-                "[models.vlm]\npreset = \"tiny\"",
-                "[models.vlm]\npreset = \"simulation\"",
-            )
+            .replace("[models.vlm]\npreset = \"tiny\"", vlm)
             .replace("[models.generator]\npreset = \"tiny\"", generator)
             .replace("steps = 2\nguidance = 2.0", "steps = 1\nguidance = 0.0");
         std::fs::write(&config, text).unwrap();
@@ -1254,6 +1258,10 @@ fn a_run_ranks_the_corpus_with_a_hugging_face_checkpoint() {
         );
         if arch == "clip" {
             assert_eq!(manifest["models"]["generator"]["architecture"], "sd-turbo");
+            assert_eq!(manifest["models"]["vlm"]["architecture"], "gemma3");
+            assert!(rows
+                .iter()
+                .all(|r| r.query.as_ref().is_some_and(|q| !q.is_empty())));
             let drawing = rows[0].synthetic_image.as_ref().unwrap();
             let drawing = mirgen_workers::image_io::decode_rgb("drawing", &drawing.bytes).unwrap();
             assert_eq!(drawing.dimensions(), (32, 32));
@@ -1454,4 +1462,48 @@ fn generate_command_draws_what_diffusers_draws_from_the_same_latents() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+fn vlm_fixture() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../workers/tests/fixtures/vlm/gemma3")
+}
+
+#[test]
+fn vlm_command_continues_as_transformers_does() {
+    let fixture = vlm_fixture();
+    let meta: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(fixture.join("golden.json")).unwrap()).unwrap();
+    let images = encoder_fixture("images");
+    for case in meta["cases"].as_array().unwrap() {
+        let mut args: Vec<String> = ["vlm", "--device", "cpu", "--model"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        args.push(fixture.display().to_string());
+        for img in case["images"].as_array().unwrap() {
+            args.push("--image".into());
+            args.push(images.join(img.as_str().unwrap()).display().to_string());
+        }
+        args.extend([
+            "--prompt".into(),
+            case["prompt"].as_str().unwrap().to_string(),
+        ]);
+        if let Some(system) = case["system"].as_str() {
+            args.extend(["--system".into(), system.to_string()]);
+        }
+        args.extend(["--greedy", "--max-new-tokens", "8"].map(String::from));
+        let out = mirgen_ok(&args.iter().map(String::as_str).collect::<Vec<_>>());
+        let line: serde_json::Value =
+            serde_json::from_str(String::from_utf8_lossy(&out.stdout).trim()).unwrap();
+        // greedy with GenIR's repetition penalty 1.1
+        assert_eq!(
+            line["token_ids"], case["greedy_tokens_repetition_penalty_1.1"],
+            "{}",
+            case["name"]
+        );
+        assert!(line["text"].is_string());
+    }
+    let out = mirgen(&["vlm", "--model", images.to_str().unwrap(), "--prompt", "x"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("config.json"));
 }

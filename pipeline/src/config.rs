@@ -128,8 +128,19 @@ pub struct ModelsConfig {
 #[serde(deny_unknown_fields)]
 pub struct VlmConfig {
     /// `tiny`: smoke-test PaliGemma-style model with random weights (its text
-    /// is noise); `simulation`: no model, hashed stand-in text (pipeline tests).
-    pub preset: String,
+    /// is noise); `simulation`: no model, hashed stand-in text (pipeline
+    /// tests). Give either `preset` or `model`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub preset: Option<String>,
+    /// A multimodal Gemma 3 checkpoint (`Gemma3ForConditionalGeneration`)
+    /// in the Hugging Face layout: a folder (relative to this config file) or
+    /// Hub id `owner/name[@revision]`, e.g. `google/gemma-3-4b-it` (GenIR's
+    /// default). Try one with `mirgen vlm --model ...`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model: Option<String>,
+    /// `model` with a relative folder resolved against the config's folder.
+    #[serde(skip)]
+    pub resolved_model: Option<String>,
     #[serde(default)]
     pub sampling: SamplingConfig,
     /// Max new tokens per call (GenIR: caption 500, compare 400).
@@ -169,6 +180,13 @@ fn default_steps() -> usize {
 }
 fn default_guidance() -> f64 {
     3.5
+}
+
+impl VlmConfig {
+    /// The preset name, or `model` for a checkpoint.
+    pub fn kind(&self) -> &str {
+        self.preset.as_deref().unwrap_or("model")
+    }
 }
 
 impl GeneratorConfig {
@@ -388,6 +406,14 @@ impl LoadedConfig {
             &base,
         )
         .map_err(invalid)?;
+        m.vlm.resolved_model = checkpoint(
+            "models.vlm",
+            &m.vlm.preset,
+            &m.vlm.model,
+            "google/gemma-3-4b-it",
+            &base,
+        )
+        .map_err(invalid)?;
         m.generator.resolved_model = checkpoint(
             "models.generator",
             &m.generator.preset,
@@ -397,7 +423,10 @@ impl LoadedConfig {
         )
         .map_err(invalid)?;
         for (role, preset) in [
-            ("models.vlm", config.models.vlm.preset.as_str()),
+            (
+                "models.vlm",
+                config.models.vlm.preset.as_deref().unwrap_or("tiny"),
+            ),
             (
                 "models.generator",
                 config.models.generator.preset.as_deref().unwrap_or("tiny"),
@@ -435,7 +464,7 @@ impl LoadedConfig {
     /// True when any model is a smoke-test preset.
     pub fn smoke_test(&self) -> bool {
         let m = &self.config.models;
-        [&m.vlm.preset, m.generator.kind(), m.embedder.kind()]
+        [m.vlm.kind(), m.generator.kind(), m.embedder.kind()]
             .iter()
             .any(|p| *p == "tiny" || *p == "simulation")
     }

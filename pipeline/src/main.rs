@@ -67,6 +67,81 @@ enum Command {
         after_help = "Examples:\n  mirgen generate --model stabilityai/sd-turbo --prompt \"a red fox in snow\" --steps 1 --guidance 0 --out fox.png\n  mirgen generate --model ./sd-turbo --prompt \"a cat\" --init-latents noise.safetensors --out cat.png\n\n--init-latents takes a safetensors file holding one tensor (or one named \"latents\")\nof the model's latent shape (1, C, H/8, W/8), e.g. the latents a diffusers\npipeline was given."
     )]
     Generate(GenerateArgs),
+    /// Ask a VLM checkpoint about images and print `{"text": ..., "token_ids":
+    /// [...]}`: the single-shot command for debugging the query writer and
+    /// for external parity checks.
+    #[command(
+        after_help = "Examples:\n  mirgen vlm --model google/gemma-3-4b-it --image cat.jpg --prompt \"Describe this image.\"\n  mirgen vlm --model ./gemma-3-4b-it --image target.jpg --image drawing.png \\\n      --prompt \"Compare the content difference between the two images.\" --greedy\n\nImages come first in the user turn, in the order given (GenIR's compare call: the\ntarget, then the drawing); the chat template is the checkpoint's (Gemma 3)."
+    )]
+    Vlm(VlmArgs),
+}
+
+#[derive(Args)]
+struct VlmArgs {
+    /// A Gemma 3 multimodal checkpoint folder or Hub id `owner/name[@revision]`.
+    #[arg(long, value_name = "FOLDER|HUB_ID")]
+    model: String,
+    /// An image of the user turn (repeatable, in order).
+    #[arg(long = "image", value_name = "FILE")]
+    images: Vec<PathBuf>,
+    /// The user's text.
+    #[arg(long)]
+    prompt: String,
+    /// An optional system text.
+    #[arg(long)]
+    system: Option<String>,
+    /// Greedy decoding instead of sampling (temperature 0.7, top-p 0.9,
+    /// repetition penalty 1.1, as GenIR).
+    #[arg(long)]
+    greedy: bool,
+    /// Most tokens to generate.
+    #[arg(long, default_value_t = 256)]
+    max_new_tokens: usize,
+    /// Sampling seed (the same seed and input give the same text).
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Device: auto, cpu or cuda.
+    #[arg(long, default_value = "auto")]
+    device: String,
+}
+
+fn vlm(args: VlmArgs) -> anyhow::Result<()> {
+    let (device, line) = mirgen_workers::device::select(&args.device, 0);
+    eprintln!("{line}");
+    let sampling = if args.greedy {
+        mirgen_workers::SamplingConfig::greedy()
+    } else {
+        mirgen_workers::SamplingConfig::default()
+    };
+    let mut images = Vec::new();
+    for path in &args.images {
+        let name = path.display().to_string();
+        let bytes = std::fs::read(path).map_err(|e| anyhow::anyhow!("cannot read {name}: {e}"))?;
+        images.push(std::sync::Arc::new(mirgen_workers::image_io::decode_rgb(
+            &name, &bytes,
+        )?));
+    }
+    let mut model = mirgen_workers::vlms::load_vlm(&args.model, sampling, &device)?;
+    let info = model.info();
+    eprintln!(
+        "vlm {} from {}, fingerprint {}",
+        info.architecture, info.source, info.fingerprint
+    );
+    let mut out = model.generate(&[mirgen_workers::VlmRequest {
+        images,
+        system: args.system.clone(),
+        prompt: args.prompt.clone(),
+        max_new_tokens: args.max_new_tokens,
+        seed: args.seed,
+    }])?;
+    let out = out
+        .pop()
+        .ok_or_else(|| anyhow::anyhow!("the VLM returned no output"))?;
+    println!(
+        "{}",
+        serde_json::json!({"text": out.text, "token_ids": out.token_ids})
+    );
+    Ok(())
 }
 
 #[derive(Args)]
@@ -858,6 +933,7 @@ fn main() -> ExitCode {
         Command::Index(args) => index(args),
         Command::Embed(args) => embed(args),
         Command::Generate(args) => generate(args),
+        Command::Vlm(args) => vlm(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -45,14 +45,19 @@ impl Models {
     pub fn build(cfg: &Config, device: &mirgen_workers::Device) -> Result<Self, WorkerError> {
         let seed = cfg.run.seed;
         let m = &cfg.models;
-        let vlm: Box<dyn mirgen_workers::Vlm> = match m.vlm.preset.as_str() {
-            "simulation" => Box::new(SimVlm),
-            _ => Box::new(PaliGemmaStyleVlm::tiny(
-                seed,
-                m.vlm.sampling.clone(),
-                device,
-            )?),
-        };
+        let vlm: Box<dyn mirgen_workers::Vlm> =
+            if let Some(spec) = m.vlm.resolved_model.as_ref().or(m.vlm.model.as_ref()) {
+                mirgen_workers::vlms::load_vlm(spec, m.vlm.sampling.clone(), device)?
+            } else {
+                match m.vlm.kind() {
+                    "simulation" => Box::new(SimVlm),
+                    _ => Box::new(PaliGemmaStyleVlm::tiny(
+                        seed,
+                        m.vlm.sampling.clone(),
+                        device,
+                    )?),
+                }
+            };
         let generator: Box<dyn ImageGenerator> = if let Some(spec) = m
             .generator
             .resolved_model
