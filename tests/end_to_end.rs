@@ -1221,6 +1221,10 @@ fn a_run_ranks_the_corpus_with_a_hugging_face_checkpoint() {
         let fixture = encoder_fixture(arch);
         // the checkpoint as a folder next to the config: a relative `model`
         copy_dir(&fixture, &tmp.path().join("encoder"));
+        if arch == "blip2" {
+            // without the marker a folder is taken for real weights
+            std::fs::remove_file(tmp.path().join("encoder/RANDOM_WEIGHTS.md")).unwrap();
+        }
         let config = write_config(tmp.path(), &corpus, 1, "");
         let text = std::fs::read_to_string(&config).unwrap().replace(
             "[models.embedder]\npreset = \"tiny\"",
@@ -1254,6 +1258,12 @@ fn a_run_ranks_the_corpus_with_a_hugging_face_checkpoint() {
         let expected_arch = if arch == "blip2" { "blip-2" } else { arch };
         assert_eq!(
             manifest["models"]["embedder"]["architecture"], expected_arch,
+            "{manifest}"
+        );
+        // the fixtures' random weights are labelled as smoke-test models
+        assert_eq!(
+            manifest["models"]["embedder"]["smoke_test"],
+            arch == "clip",
             "{manifest}"
         );
         if arch == "clip" {

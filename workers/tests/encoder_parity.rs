@@ -95,7 +95,7 @@ fn check(arch: &str) {
     let dir = fixture(arch);
     let mut enc = HfEmbedder::load(dir.to_str().unwrap(), &Device::Cpu).unwrap();
     assert_eq!(enc.info().architecture, arch);
-    assert!(!enc.info().smoke_test);
+    assert!(enc.info().smoke_test, "the fixture holds RANDOM_WEIGHTS.md");
 
     // preprocessing: transformers' PIL processor on the same files
     let imgs = images(&g);
@@ -548,7 +548,7 @@ fn blip_loads_through_load_embedder() {
     let info = boxed.info();
     assert_eq!(info, enc.info());
     assert_eq!(info.architecture, "blip");
-    assert!(!info.smoke_test);
+    assert!(info.smoke_test, "the fixture holds RANDOM_WEIGHTS.md");
     assert!(
         info.fingerprint.starts_with("hf-blip/"),
         "{}",
@@ -703,7 +703,7 @@ fn blip2_embeddings_match_transformers() {
     let g = Golden::load("blip2");
     let mut enc = blip2();
     assert_eq!(enc.info().architecture, "blip-2");
-    assert!(!enc.info().smoke_test);
+    assert!(enc.info().smoke_test, "the fixture holds RANDOM_WEIGHTS.md");
     assert_eq!((enc.vectors_per_image(), enc.dim()), (8, 24));
     let img_ref = blip2_golden_images(&g);
     let txt_ref = g.rows("text_embeds");

@@ -502,7 +502,7 @@ impl BlipEmbedder {
             info: ModelInfo {
                 architecture: "blip".into(),
                 source: source.to_string(),
-                smoke_test: false,
+                smoke_test: crate::encoders::hf::has_random_weights(dir),
                 fingerprint,
             },
         })

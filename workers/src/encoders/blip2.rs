@@ -601,7 +601,7 @@ impl Blip2Embedder {
             info: ModelInfo {
                 architecture: "blip-2".into(),
                 source: source.to_string(),
-                smoke_test: false,
+                smoke_test: crate::encoders::hf::has_random_weights(dir),
                 fingerprint,
             },
         })

@@ -168,6 +168,16 @@ impl ConfigReader {
     }
 }
 
+/// A file that marks a checkpoint folder as random weights made for tests
+/// (the parity fixtures): models loaded from it report `smoke_test`, so
+/// manifests, cards and run notes never present them as working models.
+pub const RANDOM_WEIGHTS_MARKER: &str = "RANDOM_WEIGHTS.md";
+
+/// Whether `dir` holds the [`RANDOM_WEIGHTS_MARKER`].
+pub fn has_random_weights(dir: &Path) -> bool {
+    dir.join(RANDOM_WEIGHTS_MARKER).is_file()
+}
+
 /// Reads a JSON file of the folder, naming it in errors.
 pub fn read_json(dir: &Path, name: &str) -> Result<Value> {
     let p = dir.join(name);
@@ -562,7 +572,7 @@ impl HfEmbedder {
             info: ModelInfo {
                 architecture: kind,
                 source: source.to_string(),
-                smoke_test: false,
+                smoke_test: crate::encoders::hf::has_random_weights(dir),
                 fingerprint,
             },
         })

@@ -487,6 +487,8 @@ pub struct SdTurboPipeline {
     device: Device,
     fingerprint: String,
     source: String,
+    /// The folder holds random test weights (see `has_random_weights`).
+    random_weights: bool,
 }
 
 fn vae_config(c: &ConfigReader) -> Result<(AutoEncoderKLConfig, f64, usize)> {
@@ -611,6 +613,7 @@ impl SdTurboPipeline {
             latent_channels,
             device: device.clone(),
             source: source.to_string(),
+            random_weights: crate::encoders::hf::has_random_weights(dir),
         })
     }
 
@@ -846,7 +849,7 @@ impl ImageGenerator for SdTurboGenerator {
         ModelInfo {
             architecture: "sd-turbo".into(),
             source: self.pipe.source.clone(),
-            smoke_test: false,
+            smoke_test: self.pipe.random_weights,
             fingerprint: format!(
                 "sd-pipeline-{}/steps={}/guidance={}",
                 self.pipe.fingerprint, self.settings.steps, self.settings.guidance

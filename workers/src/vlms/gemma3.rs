@@ -1124,7 +1124,7 @@ impl Gemma3Vlm {
             info: ModelInfo {
                 architecture: "gemma3".into(),
                 source: source.to_string(),
-                smoke_test: false,
+                smoke_test: crate::encoders::hf::has_random_weights(dir),
                 fingerprint: format!("{base}/{extra}"),
             },
         })
