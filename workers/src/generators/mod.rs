@@ -5,14 +5,19 @@
 //! (`tests/generator_parity.rs`, made by
 //! `scripts/fixtures/make_generator_fixtures.py`).
 //!
-//! SD 3.5 and FLUX are not implemented yet.
+//! FLUX.1 (`FluxPipeline` folders or Hub ids such as
+//! `black-forest-labs/FLUX.1-schnell`), see [`flux`], is tested the same way
+//! (`tests/flux_parity.rs`, `scripts/fixtures/make_flux_fixtures.py`).
+//! SD 3.5 is not implemented yet.
 
 pub mod euler;
+pub mod flux;
 pub mod sd_turbo;
 pub mod unet;
 
 use candle_core::Device;
 
+pub use flux::{FluxGenerator, FluxPipeline};
 pub use sd_turbo::{SdTurboGenerator, SdTurboPipeline};
 
 use crate::generator::DiffusionSettings;
@@ -20,14 +25,25 @@ use crate::{ImageGenerator, Result};
 
 /// Loads an image generator from a diffusers pipeline folder or Hub id.
 /// `steps` denoising steps (SD-Turbo: 1), classifier-free `guidance`
-/// (SD-Turbo: 0; values <= 1 skip the unconditional pass).
+/// (SD-Turbo: 0; values <= 1 skip the unconditional pass). A folder whose
+/// `model_index.json` names `FluxPipeline` loads FLUX.1 (`guidance` is then
+/// FLUX.1-dev's embedded guidance scale), anything else the Stable Diffusion
+/// pipeline.
 pub fn load_generator(
     spec: &str,
     steps: usize,
     guidance: f64,
     device: &Device,
 ) -> Result<Box<dyn ImageGenerator>> {
-    let pipe = SdTurboPipeline::load(spec, device)?;
+    let (dir, source) = sd_turbo::resolve_pipeline(spec)?;
+    if flux::is_flux_pipeline(&dir) {
+        let pipe = FluxPipeline::load_dir(&dir, &source, device)?;
+        return Ok(Box::new(FluxGenerator::new(
+            pipe,
+            DiffusionSettings { steps, guidance },
+        )?));
+    }
+    let pipe = SdTurboPipeline::load_dir(&dir, &source, device)?;
     Ok(Box::new(SdTurboGenerator::new(
         pipe,
         DiffusionSettings { steps, guidance },

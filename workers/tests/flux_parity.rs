@@ -1,0 +1,376 @@
+//! Parity of mirgen's FLUX.1 pipeline with diffusers' `FluxPipeline`, on the
+//! tiny random pipeline of `workers/tests/fixtures/generators/flux/` (made by
+//! `scripts/fixtures/make_flux_fixtures.py`; see its `golden.json`): both
+//! tokenizers, CLIP pooled and T5 states, the flow-matching schedule, one
+//! transformer call, one scheduler step, the whole loop, the VAE decode and
+//! the uint8 image, plus seeds vs injected latents, dispatch by
+//! `model_index.json` and the loader's error messages.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+use mirgen_workers::generator::DiffusionSettings;
+use mirgen_workers::generators::flux::{image_ids, pack_latents, unpack_latents};
+use mirgen_workers::generators::{load_generator, FluxGenerator, FluxPipeline};
+use mirgen_workers::{GenerateRequest, ImageGenerator};
+
+fn fixture() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/generators/flux")
+}
+
+struct Golden {
+    t: HashMap<String, Tensor>,
+    meta: serde_json::Value,
+}
+
+impl Golden {
+    fn load() -> Golden {
+        let dir = fixture();
+        let t =
+            candle_core::safetensors::load(dir.join("golden.safetensors"), &Device::Cpu).unwrap();
+        let meta = serde_json::from_str(&std::fs::read_to_string(dir.join("golden.json")).unwrap())
+            .unwrap();
+        Golden { t, meta }
+    }
+    fn get(&self, key: &str) -> &Tensor {
+        self.t
+            .get(key)
+            .unwrap_or_else(|| panic!("golden {key} missing"))
+    }
+    fn ids(&self, key: &str) -> Vec<u32> {
+        self.get(key)
+            .to_dtype(DType::U32)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap()
+    }
+    fn usize(&self, key: &str) -> usize {
+        self.meta[key].as_u64().unwrap() as usize
+    }
+    fn f64(&self, key: &str) -> f64 {
+        self.meta[key].as_f64().unwrap()
+    }
+    fn f64s(&self, key: &str) -> Vec<f64> {
+        self.meta[key]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_f64().unwrap())
+            .collect()
+    }
+}
+
+/// The fixture pipeline at the goldens' size and T5 length.
+fn pipeline(g: &Golden) -> FluxPipeline {
+    FluxPipeline::load_dir_with(
+        &fixture(),
+        "fixture",
+        g.usize("max_sequence_length"),
+        &Device::Cpu,
+    )
+    .unwrap()
+    .with_resolution(g.usize("width"), g.usize("height"))
+    .unwrap()
+}
+
+/// max |a - b| / max |b|.
+fn rel_err(ours: &Tensor, reference: &Tensor) -> f32 {
+    assert_eq!(ours.dims(), reference.dims(), "shapes differ");
+    let max = |t: &Tensor| {
+        t.abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    };
+    max(&(ours - reference).unwrap()) / max(reference)
+}
+
+fn check(what: &str, ours: &Tensor, reference: &Tensor, tol: f32) {
+    let e = rel_err(ours, reference);
+    eprintln!("{what}: rel. err. {e:.2e}");
+    assert!(e < tol, "{what}: relative error {e} >= {tol}");
+}
+
+/// Relative error bound of every f32 stage (the issue asks for < 1e-3).
+const TOL: f32 = 2e-5;
+
+#[test]
+fn tokenizers_and_text_encoders_match_diffusers() {
+    let g = Golden::load();
+    let p = pipeline(&g);
+    let prompt = g.meta["prompt"].as_str().unwrap();
+    assert_eq!(p.tokenizer().ids(prompt).unwrap(), g.ids("clip_ids"));
+    assert_eq!(p.tokenizer_2().ids(prompt).unwrap(), g.ids("t5_ids"));
+    // truncated to max_sequence_length, ending in </s> (id 1)
+    let long = format!("{prompt} {prompt}");
+    let ids = p.tokenizer_2().ids(&long).unwrap();
+    assert_eq!(ids, g.ids("t5_long_ids"));
+    assert_eq!(*ids.last().unwrap(), 1);
+    let (pooled, states) = p.encode_prompt(prompt).unwrap();
+    check("CLIP pooled", &pooled, g.get("pooled_prompt_embeds"), TOL);
+    check("T5 states", &states, g.get("prompt_embeds"), TOL);
+}
+
+#[test]
+fn scheduler_matches_diffusers() {
+    let g = Golden::load();
+    let p = pipeline(&g);
+    let steps = g.usize("num_inference_steps");
+    let s = p.scheduler(steps).unwrap();
+    assert_eq!(p.packed_shape().0, g.usize("image_seq_len"));
+    for (what, ours, want) in [
+        ("timesteps", s.timesteps(), g.f64s("timesteps")),
+        ("sigmas", s.sigmas(), g.f64s("sigmas")),
+    ] {
+        assert_eq!(ours.len(), want.len(), "{what}");
+        for (a, b) in ours.iter().zip(&want) {
+            assert!(
+                (*a as f64 - b).abs() <= 1e-6 * b.abs().max(1.0),
+                "{what}: {a} vs {b}"
+            );
+        }
+    }
+    // the step itself, from diffusers' own inputs
+    let next = s
+        .step(g.get("transformer_out_0"), 0, g.get("init_latents"))
+        .unwrap();
+    check("scheduler step 0", &next, g.get("latents_1"), 1e-6);
+}
+
+#[test]
+fn latent_packing_and_ids_match_diffusers() {
+    let g = Golden::load();
+    let p = pipeline(&g);
+    let packed = pack_latents(g.get("init_latents_unpacked")).unwrap();
+    check("pack", &packed, g.get("init_latents"), 1e-7);
+    let (_, h, w) = p.latent_shape();
+    let unpacked = unpack_latents(g.get("latents_final"), h, w).unwrap();
+    check("unpack", &unpacked, g.get("latents_final_unpacked"), 1e-7);
+    let ids: Vec<f32> = image_ids(h, w).into_iter().flatten().collect();
+    let want: Vec<f32> = g.get("img_ids").flatten_all().unwrap().to_vec1().unwrap();
+    assert_eq!(ids, want);
+}
+
+#[test]
+fn one_transformer_step_matches_diffusers() {
+    let g = Golden::load();
+    let p = pipeline(&g);
+    let t0: f32 = g.get("transformer_timestep_0").to_vec1().unwrap()[0];
+    let g0: f32 = g.get("transformer_guidance_0").to_vec1().unwrap()[0];
+    assert_eq!(g0 as f64, g.f64("guidance_scale"));
+    let (_, h, w) = p.latent_shape();
+    let txt_ids = vec![[0f32; 3]; g.usize("max_sequence_length")];
+    let out = p
+        .transformer()
+        .forward(
+            g.get("init_latents"),
+            g.get("prompt_embeds"),
+            g.get("pooled_prompt_embeds"),
+            t0,
+            Some(g0),
+            &image_ids(h, w),
+            &txt_ids,
+        )
+        .unwrap();
+    check("transformer step 0", &out, g.get("transformer_out_0"), TOL);
+    // through the pipeline's own call (timestep from the schedule)
+    let s = p.scheduler(g.usize("num_inference_steps")).unwrap();
+    let out = p
+        .velocity(
+            g.get("latents_1"),
+            g.get("pooled_prompt_embeds"),
+            g.get("prompt_embeds"),
+            s.timesteps()[1],
+            g.f64("guidance_scale"),
+        )
+        .unwrap();
+    check("transformer step 1", &out, g.get("transformer_out_1"), TOL);
+    // the guidance embedding is used: another scale changes the output
+    let other = p
+        .velocity(
+            g.get("init_latents"),
+            g.get("pooled_prompt_embeds"),
+            g.get("prompt_embeds"),
+            s.timesteps()[0],
+            1.0,
+        )
+        .unwrap();
+    assert!(rel_err(&other, g.get("transformer_out_0")) > 1e-3);
+}
+
+#[test]
+fn whole_loop_and_vae_match_diffusers() {
+    let g = Golden::load();
+    let p = pipeline(&g);
+    let prompt = g.meta["prompt"].as_str().unwrap();
+    let (pooled, states) = p.encode_prompt(prompt).unwrap();
+    let last = p
+        .denoise(
+            &pooled,
+            &states,
+            g.get("init_latents"),
+            g.usize("num_inference_steps"),
+            g.f64("guidance_scale"),
+        )
+        .unwrap();
+    check("last latents", &last, g.get("latents_final"), TOL);
+    let dec = p.decode_raw(g.get("latents_final")).unwrap();
+    check("VAE decode", &dec, g.get("decoded"), TOL);
+    let img = p.decode(&last).unwrap();
+    check("image (float)", &img, g.get("image"), TOL);
+}
+
+#[test]
+fn generated_image_matches_the_pil_output_within_one_level() {
+    let g = Golden::load();
+    let settings = DiffusionSettings {
+        steps: g.usize("num_inference_steps"),
+        guidance: g.f64("guidance_scale"),
+    };
+    let mut gen = FluxGenerator::new(pipeline(&g), settings).unwrap();
+    assert_eq!(
+        gen.resolution(),
+        (g.usize("width") as u32, g.usize("height") as u32)
+    );
+    let init: Vec<f32> = g
+        .get("init_latents")
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    let req = |seed, init: Option<Vec<f32>>| GenerateRequest {
+        prompt: g.meta["prompt"].as_str().unwrap().to_string(),
+        seed,
+        init_latents: init,
+    };
+    let imgs = gen
+        .generate(&[req(1, Some(init.clone())), req(2, Some(init.clone()))])
+        .unwrap();
+    let png = image::open(fixture().join(g.meta["png"].as_str().unwrap()))
+        .unwrap()
+        .to_rgb8();
+    assert_eq!(imgs[0].dimensions(), png.dimensions());
+    let max = imgs[0]
+        .as_raw()
+        .iter()
+        .zip(png.as_raw())
+        .map(|(a, b)| (*a as i32 - *b as i32).abs())
+        .max()
+        .unwrap();
+    eprintln!("uint8 image max diff {max}");
+    assert!(max <= 1, "uint8 image differs by {max} levels");
+    assert_eq!(
+        imgs[0], imgs[1],
+        "explicit latents make the seed irrelevant"
+    );
+
+    // seeds: reproducible, batch-independent, different from each other
+    let a = gen.generate(&[req(5, None), req(6, None)]).unwrap();
+    let b = gen.generate(&[req(5, None)]).unwrap();
+    assert_eq!(a[0], b[0]);
+    assert_ne!(a[0], a[1]);
+    let info = gen.info();
+    assert_eq!(info.architecture, "flux");
+    assert!(info.smoke_test, "the fixture holds RANDOM_WEIGHTS.md");
+    assert!(info.fingerprint.contains("steps=2/guidance=3.5"));
+    let err = gen
+        .generate(&[req(0, Some(vec![0.0; 3]))])
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("init_latents"), "{err}");
+}
+
+#[test]
+fn load_generator_dispatches_on_model_index() {
+    let gen = load_generator(fixture().to_str().unwrap(), 1, 3.5, &Device::Cpu).unwrap();
+    let info = gen.info();
+    assert_eq!(info.architecture, "flux");
+    assert!(info.smoke_test);
+    // diffusers' default size: 128 * vae_scale_factor (4 here, 8 in FLUX.1)
+    assert_eq!(gen.resolution(), (512, 512));
+    let sd = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/generators/sd-turbo");
+    let gen = load_generator(sd.to_str().unwrap(), 1, 0.0, &Device::Cpu).unwrap();
+    assert_eq!(gen.info().architecture, "sd-turbo");
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        let dest = to.join(e.file_name());
+        if e.file_type().unwrap().is_dir() {
+            copy_dir(&e.path(), &dest);
+        } else {
+            std::fs::copy(e.path(), dest).unwrap();
+        }
+    }
+}
+
+fn load_error(edit: impl FnOnce(&Path)) -> String {
+    let tmp = tempfile::tempdir().unwrap();
+    copy_dir(&fixture(), tmp.path());
+    edit(tmp.path());
+    match FluxPipeline::load_dir(tmp.path(), "broken", &Device::Cpu) {
+        Ok(_) => panic!("a broken copy loaded"),
+        Err(e) => e.to_string(),
+    }
+}
+
+fn edit_json(p: &Path, file: &str, from: &str, to: &str) {
+    let f = p.join(file);
+    let s = std::fs::read_to_string(&f).unwrap();
+    assert!(s.contains(from), "{file} has no {from}");
+    std::fs::write(&f, s.replace(from, to)).unwrap();
+}
+
+#[test]
+fn load_errors_name_the_missing_part() {
+    let e = load_error(|p| std::fs::remove_dir_all(p.join("text_encoder_2")).unwrap());
+    assert!(
+        e.contains("text_encoder_2") && e.contains("sub-folder"),
+        "{e}"
+    );
+    let e = load_error(|p| std::fs::remove_file(p.join("tokenizer_2/tokenizer.json")).unwrap());
+    assert!(e.contains("tokenizer.json"), "{e}");
+    let e = load_error(|p| {
+        std::fs::remove_file(p.join("transformer/diffusion_pytorch_model.safetensors")).unwrap()
+    });
+    assert!(
+        e.contains("transformer") && e.contains("diffusion_pytorch_model.safetensors"),
+        "{e}"
+    );
+    let e = load_error(|p| {
+        edit_json(
+            p,
+            "transformer/config.json",
+            "\"joint_attention_dim\": 32",
+            "\"joint_attention_dim\": 48",
+        )
+    });
+    assert!(e.contains("joint_attention_dim"), "{e}");
+    let e = load_error(|p| {
+        edit_json(
+            p,
+            "scheduler/scheduler_config.json",
+            "\"stochastic_sampling\": false",
+            "\"stochastic_sampling\": true",
+        )
+    });
+    assert!(e.contains("stochastic_sampling"), "{e}");
+    let e = load_error(|p| {
+        edit_json(
+            p,
+            "transformer/config.json",
+            "\"axes_dims_rope\": [\n    4,",
+            "\"axes_dims_rope\": [\n    6,",
+        )
+    });
+    assert!(e.contains("axes_dims_rope"), "{e}");
+}
