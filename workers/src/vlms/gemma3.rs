@@ -133,7 +133,7 @@ fn opt_f64(c: &ConfigReader, key: &str) -> Result<Option<f64>> {
 }
 
 /// One id or a list of ids (`eos_token_id`).
-fn id_list(c: &ConfigReader, key: &str) -> Result<Vec<u32>> {
+pub(crate) fn id_list(c: &ConfigReader, key: &str) -> Result<Vec<u32>> {
     let v = &c.value()[key];
     let bad = || c.error(format!("{key} = {v} is not a token id or a list of them"));
     match v {
@@ -1276,7 +1276,7 @@ impl Gemma3Vlm {
 
 /// transformers' `TopKLogitsWarper`: logits below the k-th largest become
 /// -inf (ties with the k-th are kept).
-fn keep_top_k(logits: &Tensor, k: usize) -> Result<Tensor> {
+pub(crate) fn keep_top_k(logits: &Tensor, k: usize) -> Result<Tensor> {
     let mut v = logits.to_dtype(DType::F32)?.to_vec1::<f32>()?;
     if k >= v.len() {
         return Ok(logits.clone());
@@ -1340,19 +1340,24 @@ pub fn resolve_vlm(spec: &str) -> Result<(std::path::PathBuf, String)> {
 }
 
 /// Loads a VLM from a folder or Hub id by `config.json`'s `model_type`
-/// (`gemma3`: Gemma 3 multimodal).
+/// (`gemma3`: Gemma 3 multimodal; `qwen3_vl`: Qwen3-VL).
 pub fn load_vlm(spec: &str, sampling: SamplingConfig, device: &Device) -> Result<Box<dyn Vlm>> {
     let (dir, source) = resolve_vlm(spec)?;
     let cfg = ConfigReader::read(&dir, "config.json")?;
     match cfg.str("model_type") {
-        Some("gemma3") => Ok(Box::new(Gemma3Vlm::load_dir(&dir, &source, sampling, device)?)),
+        Some("gemma3") => Ok(Box::new(Gemma3Vlm::load_dir(
+            &dir, &source, sampling, device,
+        )?)),
+        Some("qwen3_vl") => Ok(Box::new(super::qwen3vl::Qwen3VlVlm::load_dir(
+            &dir, &source, sampling, device,
+        )?)),
         Some("gemma3_text") => Err(cfg.error(
             "model_type = \"gemma3_text\" is a text-only Gemma 3 (1B); a VLM needs the multimodal \
              checkpoint (gemma3, e.g. google/gemma-3-4b-it)"
                 .into(),
         )),
         other => Err(cfg.error(format!(
-            "model_type = {other:?} is not a supported VLM; supported: gemma3 (Qwen3-VL is not implemented)"
+            "model_type = {other:?} is not a supported VLM; supported: gemma3, qwen3_vl"
         ))),
     }
 }
