@@ -374,3 +374,99 @@ fn load_errors_name_the_missing_part() {
     });
     assert!(e.contains("axes_dims_rope"), "{e}");
 }
+
+/// FLUX.1-schnell style: the fixture with `guidance_embeds = false` and the
+/// schnell scheduler (static shift 1.0); no guidance input at all.
+#[test]
+fn schnell_style_pipeline_matches_diffusers() {
+    let g = Golden::load();
+    let tmp = tempfile::tempdir().unwrap();
+    copy_dir(&fixture(), tmp.path());
+    edit_json(
+        tmp.path(),
+        "transformer/config.json",
+        "\"guidance_embeds\": true",
+        "\"guidance_embeds\": false",
+    );
+    edit_json(
+        tmp.path(),
+        "scheduler/scheduler_config.json",
+        "\"shift\": 3.0",
+        "\"shift\": 1.0",
+    );
+    edit_json(
+        tmp.path(),
+        "scheduler/scheduler_config.json",
+        "\"use_dynamic_shifting\": true",
+        "\"use_dynamic_shifting\": false",
+    );
+    let p = FluxPipeline::load_dir_with(
+        tmp.path(),
+        "schnell",
+        g.usize("max_sequence_length"),
+        &Device::Cpu,
+    )
+    .unwrap()
+    .with_resolution(g.usize("width"), g.usize("height"))
+    .unwrap();
+    let steps = g.usize("num_inference_steps");
+    let s = p.scheduler(steps).unwrap();
+    let want = |k: &str| -> Vec<f32> {
+        g.meta["schnell"][k]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_f64().unwrap() as f32)
+            .collect()
+    };
+    assert_eq!(s.timesteps(), want("timesteps").as_slice());
+    assert_eq!(s.sigmas(), want("sigmas").as_slice());
+    // guidance is not an input: any scale gives the same velocity
+    let (pooled, states) = (g.get("pooled_prompt_embeds"), g.get("prompt_embeds"));
+    let v = p
+        .velocity(g.get("init_latents"), pooled, states, s.timesteps()[0], 0.0)
+        .unwrap();
+    check(
+        "schnell: transformer step 0",
+        &v,
+        g.get("schnell.transformer_out_0"),
+        TOL,
+    );
+    let v7 = p
+        .velocity(g.get("init_latents"), pooled, states, s.timesteps()[0], 7.0)
+        .unwrap();
+    assert_eq!(rel_err(&v7, &v), 0.0);
+    let last = p
+        .denoise(pooled, states, g.get("init_latents"), steps, 0.0)
+        .unwrap();
+    check(
+        "schnell: last latents",
+        &last,
+        g.get("schnell.latents_final"),
+        TOL,
+    );
+}
+
+/// openai's CLIP configs (FLUX.1's text_encoder) say `eos_token_id = 2`:
+/// transformers then pools at the largest id, which is the eos here too.
+#[test]
+fn clip_pooling_with_legacy_eos_id() {
+    let g = Golden::load();
+    let tmp = tempfile::tempdir().unwrap();
+    copy_dir(&fixture(), tmp.path());
+    let f = tmp.path().join("text_encoder/config.json");
+    let mut v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&f).unwrap()).unwrap();
+    assert_ne!(v["eos_token_id"], 2);
+    v["eos_token_id"] = 2.into();
+    std::fs::write(&f, v.to_string()).unwrap();
+    let p = FluxPipeline::load_dir_with(tmp.path(), "eos2", 16, &Device::Cpu).unwrap();
+    let ids = Tensor::from_vec(g.ids("clip_ids"), (1, 77), &Device::Cpu).unwrap();
+    let pooled = p.encode_clip_ids(&ids).unwrap();
+    check(
+        "CLIP pooled (eos_token_id 2)",
+        &pooled,
+        g.get("pooled_prompt_embeds"),
+        TOL,
+    );
+}
