@@ -1677,4 +1677,76 @@ mod tests {
             .collect();
         assert_eq!(got, want);
     }
+
+    /// A config.json in the layout of Qwen/Qwen3-VL-4B-Instruct's (written by
+    /// transformers 4.57: RoPE as rope_scaling + rope_theta, the vision
+    /// config's old model_type); transformers 5.24 reads it as checked below.
+    const QWEN3_VL_4B: &str = r#"{
+  "architectures": ["Qwen3VLForConditionalGeneration"],
+  "image_token_id": 151655,
+  "model_type": "qwen3_vl",
+  "text_config": {
+    "attention_bias": false, "attention_dropout": 0.0, "bos_token_id": 151643, "dtype": "bfloat16",
+    "eos_token_id": 151645, "head_dim": 128, "hidden_act": "silu", "hidden_size": 2560,
+    "initializer_range": 0.02, "intermediate_size": 9728, "max_position_embeddings": 262144,
+    "model_type": "qwen3_vl_text", "num_attention_heads": 32, "num_hidden_layers": 36,
+    "num_key_value_heads": 8, "rms_norm_eps": 1e-06,
+    "rope_scaling": {"mrope_interleaved": true, "mrope_section": [24, 20, 20], "rope_type": "default"},
+    "rope_theta": 5000000, "tie_word_embeddings": true, "use_cache": true, "vocab_size": 151936
+  },
+  "tie_word_embeddings": true,
+  "transformers_version": "4.57.0.dev0",
+  "video_token_id": 151656,
+  "vision_config": {
+    "deepstack_visual_indexes": [5, 11, 17], "depth": 24, "hidden_act": "gelu_pytorch_tanh",
+    "hidden_size": 1024, "in_channels": 3, "initializer_range": 0.02, "intermediate_size": 4096,
+    "model_type": "qwen3_vl", "num_heads": 16, "num_position_embeddings": 2304, "out_hidden_size": 2560,
+    "patch_size": 16, "spatial_merge_size": 2, "temporal_patch_size": 2
+  },
+  "vision_end_token_id": 151653,
+  "vision_start_token_id": 151652
+}"#;
+
+    #[test]
+    fn reads_a_qwen3_vl_4b_config() {
+        let c = Qwen3VlConfig::from_hf(&ConfigReader::from_value(
+            serde_json::from_str(QWEN3_VL_4B).unwrap(),
+            Path::new("config.json"),
+        ))
+        .unwrap();
+        let t = &c.text;
+        assert_eq!(
+            (t.hidden_size, t.num_hidden_layers, t.head_dim),
+            (2560, 36, 128)
+        );
+        assert_eq!((t.num_attention_heads, t.num_key_value_heads), (32, 8));
+        assert_eq!(t.rope_theta, 5_000_000.0);
+        assert_eq!(t.mrope_section, [24, 20, 20]);
+        assert_eq!(t.hidden_act, Act::Nn(candle_nn::Activation::Silu));
+        let v = &c.vision;
+        assert_eq!(
+            (v.depth, v.hidden_size, v.num_heads, v.patch_size),
+            (24, 1024, 16, 16)
+        );
+        assert_eq!(v.deepstack_visual_indexes, vec![5, 11, 17]);
+        assert_eq!(v.rope_theta, 10_000.0);
+        assert_eq!(v.hidden_act, Act::Nn(candle_nn::Activation::NewGelu));
+        assert_eq!(
+            (
+                c.image_token_id,
+                c.vision_start_token_id,
+                c.vision_end_token_id
+            ),
+            (151_655, 151_652, 151_653)
+        );
+        assert!(c.tie_word_embeddings);
+        assert_eq!(c.eos_token_ids, vec![151_645]);
+        // a broken mrope_section is named
+        let mut bad: serde_json::Value = serde_json::from_str(QWEN3_VL_4B).unwrap();
+        bad["text_config"]["rope_scaling"]["mrope_section"] = serde_json::json!([24, 20, 10]);
+        let e = Qwen3VlConfig::from_hf(&ConfigReader::from_value(bad, Path::new("config.json")))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("mrope_section") && e.contains("54"), "{e}");
+    }
 }
