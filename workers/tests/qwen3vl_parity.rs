@@ -391,3 +391,43 @@ fn load_errors_name_the_file() {
     assert!(e.contains("tokenizer.json") && e.contains("missing"), "{e}");
     std::fs::remove_dir_all(&tmp).unwrap();
 }
+
+#[test]
+fn reads_the_image_processor_from_processor_config_json() {
+    // transformers 5 saves the image processor inside processor_config.json
+    let tmp = std::env::temp_dir().join(format!("mirgen-qwen3vl-proc-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir_all(&tmp).unwrap();
+    for e in std::fs::read_dir(fixture()).unwrap() {
+        let p = e.unwrap().path();
+        if p.file_name().unwrap() != "preprocessor_config.json" {
+            std::fs::copy(&p, tmp.join(p.file_name().unwrap())).unwrap();
+        }
+    }
+    let pre: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(fixture().join("preprocessor_config.json")).unwrap(),
+    )
+    .unwrap();
+    let proc = serde_json::json!({"image_processor": pre, "processor_class": "Qwen3VLProcessor"});
+    std::fs::write(tmp.join("processor_config.json"), proc.to_string()).unwrap();
+    let vlm = Qwen3VlVlm::load_dir(&tmp, "tmp", greedy(), &Device::Cpu).unwrap();
+    assert_eq!(vlm.processor(), load(greedy()).processor());
+    std::fs::remove_dir_all(&tmp).unwrap();
+}
+
+#[test]
+fn image_tokens_must_match_the_images() {
+    let g = Golden::load();
+    let mut vlm = load(greedy());
+    let ids = g.ids("one_image");
+    let px = g.tensor("two_images.pixel_values").clone();
+    let grids = g.grids("two_images");
+    let e = vlm
+        .prefill(&ids, Some((&px, &grids)))
+        .err()
+        .expect("8 image tokens for 2 images of 14 tokens must fail")
+        .to_string();
+    assert!(e.contains("8 image tokens") && e.contains("14"), "{e}");
+    let e = vlm.prefill(&ids, None).err().unwrap().to_string();
+    assert!(e.contains("8 image tokens"), "{e}");
+}
