@@ -424,10 +424,9 @@ fn image_tokens_must_match_the_images() {
     let grids = g.grids("two_images");
     let e = vlm
         .prefill(&ids, Some((&px, &grids)))
-        .err()
-        .expect("8 image tokens for 2 images of 14 tokens must fail")
+        .expect_err("8 image tokens for 2 images of 14 tokens must fail")
         .to_string();
     assert!(e.contains("8 image tokens") && e.contains("14"), "{e}");
-    let e = vlm.prefill(&ids, None).err().unwrap().to_string();
+    let e = vlm.prefill(&ids, None).unwrap_err().to_string();
     assert!(e.contains("8 image tokens"), "{e}");
 }
