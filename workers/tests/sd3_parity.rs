@@ -1,0 +1,394 @@
+//! Parity of mirgen's Stable Diffusion 3.5 pipeline with diffusers'
+//! `StableDiffusion3Pipeline`, on the tiny random pipeline of
+//! `workers/tests/fixtures/generators/sd3/` (made by
+//! `scripts/fixtures/make_sd3_fixtures.py`; see its `golden.json`): the three
+//! tokenizers, CLIP-L/CLIP-G penultimate states and projected pooled outputs,
+//! T5, the joined prompt embeddings (prompt and empty negative prompt), the
+//! flow-matching schedule, one transformer call on the CFG batch, one
+//! scheduler step, the whole guided loop, the VAE decode and the uint8 image,
+//! plus dispatch by `model_index.json` and the loader's error messages.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, IndexOp, Tensor};
+use mirgen_workers::generator::DiffusionSettings;
+use mirgen_workers::generators::{load_generator, Sd3Generator, Sd3Pipeline};
+use mirgen_workers::{GenerateRequest, ImageGenerator};
+
+fn fixture() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/generators/sd3")
+}
+
+struct Golden {
+    t: HashMap<String, Tensor>,
+    meta: serde_json::Value,
+}
+
+impl Golden {
+    fn load() -> Golden {
+        let dir = fixture();
+        let t =
+            candle_core::safetensors::load(dir.join("golden.safetensors"), &Device::Cpu).unwrap();
+        let meta = serde_json::from_str(&std::fs::read_to_string(dir.join("golden.json")).unwrap())
+            .unwrap();
+        Golden { t, meta }
+    }
+    fn get(&self, key: &str) -> &Tensor {
+        self.t
+            .get(key)
+            .unwrap_or_else(|| panic!("golden {key} missing"))
+    }
+    fn ids(&self, key: &str) -> Vec<u32> {
+        self.get(key)
+            .to_dtype(DType::U32)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap()
+    }
+    fn usize(&self, key: &str) -> usize {
+        self.meta[key].as_u64().unwrap() as usize
+    }
+    fn f64(&self, key: &str) -> f64 {
+        self.meta[key].as_f64().unwrap()
+    }
+    fn f64s(&self, key: &str) -> Vec<f64> {
+        self.meta[key]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_f64().unwrap())
+            .collect()
+    }
+    fn prompt(&self) -> &str {
+        self.meta["prompt"].as_str().unwrap()
+    }
+    /// (prompt_embeds, pooled) of "cond" or "uncond".
+    fn embeds(&self, tag: &str) -> (Tensor, Tensor) {
+        (
+            self.get(&format!("{tag}.prompt_embeds")).clone(),
+            self.get(&format!("{tag}.pooled_prompt_embeds")).clone(),
+        )
+    }
+}
+
+/// The fixture pipeline at the goldens' size and T5 length.
+fn pipeline(g: &Golden) -> Sd3Pipeline {
+    Sd3Pipeline::load_dir_with(
+        &fixture(),
+        "fixture",
+        g.usize("max_sequence_length"),
+        &Device::Cpu,
+    )
+    .unwrap()
+    .with_resolution(g.usize("width"), g.usize("height"))
+    .unwrap()
+}
+
+/// max |a - b| / max |b|.
+fn rel_err(ours: &Tensor, reference: &Tensor) -> f32 {
+    assert_eq!(ours.dims(), reference.dims(), "shapes differ");
+    let max = |t: &Tensor| {
+        t.abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    };
+    max(&(ours - reference).unwrap()) / max(reference)
+}
+
+fn check(what: &str, ours: &Tensor, reference: &Tensor, tol: f32) {
+    let e = rel_err(ours, reference);
+    eprintln!("{what}: rel. err. {e:.2e}");
+    assert!(e < tol, "{what}: relative error {e} >= {tol}");
+}
+
+/// Relative error bound of every f32 stage (the issue asks for < 1e-3).
+const TOL: f32 = 2e-5;
+
+#[test]
+fn tokenizers_and_text_encoders_match_diffusers() {
+    let g = Golden::load();
+    let p = pipeline(&g);
+    let (tok_l, tok_g, tok_t5) = p.tokenizers();
+    let (enc_l, enc_g) = p.text_encoders();
+    for (tag, prompt) in [("cond", g.prompt()), ("uncond", "")] {
+        let ids_l = tok_l.ids(prompt).unwrap();
+        let ids_g = tok_g.ids(prompt).unwrap();
+        assert_eq!(
+            ids_l,
+            g.ids(&format!("{tag}.clip_l_ids")),
+            "{tag} CLIP-L ids"
+        );
+        assert_eq!(
+            ids_g,
+            g.ids(&format!("{tag}.clip_g_ids")),
+            "{tag} CLIP-G ids"
+        );
+        assert_eq!(
+            tok_t5.ids(prompt).unwrap(),
+            g.ids(&format!("{tag}.t5_ids")),
+            "{tag} T5 ids"
+        );
+        for (name, enc, ids) in [("clip_l", enc_l, ids_l), ("clip_g", enc_g, ids_g)] {
+            let ids = Tensor::from_vec(ids, (1, 77), &Device::Cpu).unwrap();
+            let (pen, pooled) = enc.forward(&ids).unwrap();
+            check(
+                &format!("{tag} {name} penultimate"),
+                &pen,
+                g.get(&format!("{tag}.{name}_penultimate")),
+                TOL,
+            );
+            check(
+                &format!("{tag} {name} text_embeds"),
+                &pooled,
+                g.get(&format!("{tag}.{name}_text_embeds")),
+                TOL,
+            );
+        }
+        let (embeds, pooled) = p.encode_prompt(prompt).unwrap();
+        let (want_e, want_p) = g.embeds(tag);
+        check(&format!("{tag} prompt_embeds"), &embeds, &want_e, TOL);
+        check(
+            &format!("{tag} pooled_prompt_embeds"),
+            &pooled,
+            &want_p,
+            TOL,
+        );
+    }
+    // the zero padding of the CLIP part up to the T5 width
+    let (e, _) = g.embeds("cond");
+    let pad = e.i((.., ..77, 28..)).unwrap();
+    assert_eq!(
+        pad.abs()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap(),
+        0.0
+    );
+}
+
+#[test]
+fn scheduler_matches_diffusers() {
+    let g = Golden::load();
+    let p = pipeline(&g);
+    let steps = g.usize("num_inference_steps");
+    let s = p.scheduler(steps).unwrap();
+    for (what, ours, want) in [
+        ("timesteps", s.timesteps(), g.f64s("timesteps")),
+        ("sigmas", s.sigmas(), g.f64s("sigmas")),
+    ] {
+        assert_eq!(ours.len(), want.len(), "{what}");
+        for (a, b) in ours.iter().zip(&want) {
+            assert!(
+                (*a as f64 - b).abs() <= 1e-6 * b.abs().max(1.0),
+                "{what}: {a} vs {b}"
+            );
+        }
+    }
+    // the step itself, from diffusers' own (guided) prediction
+    let out = g.get("transformer_out_0");
+    let gs = g.f64("guidance_scale");
+    let (u, c) = (out.i(0..1).unwrap(), out.i(1..2).unwrap());
+    let v = (&u + ((c - &u).unwrap() * gs).unwrap()).unwrap();
+    let next = s.step(&v, 0, g.get("init_latents")).unwrap();
+    check("scheduler step 0", &next, g.get("latents_1"), 1e-6);
+}
+
+#[test]
+fn one_transformer_step_matches_diffusers() {
+    let g = Golden::load();
+    let p = pipeline(&g);
+    let t0: Vec<f32> = g.get("transformer_timestep_0").to_vec1().unwrap();
+    let s = p.scheduler(g.usize("num_inference_steps")).unwrap();
+    assert_eq!(t0, vec![s.timesteps()[0]; 2]);
+    let (uc, cc) = (g.embeds("uncond"), g.embeds("cond"));
+    let init = g.get("init_latents");
+    let x = Tensor::cat(&[init, init], 0).unwrap();
+    let e = Tensor::cat(&[&uc.0, &cc.0], 0).unwrap();
+    let pooled = Tensor::cat(&[&uc.1, &cc.1], 0).unwrap();
+    let out = p.transformer().forward(&x, &e, &pooled, t0[0]).unwrap();
+    check(
+        "transformer step 0 (CFG batch)",
+        &out,
+        g.get("transformer_out_0"),
+        TOL,
+    );
+    // step 1 from diffusers' latents, batch [uncond, cond]
+    let l1 = g.get("latents_1");
+    let x = Tensor::cat(&[l1, l1], 0).unwrap();
+    let out = p
+        .transformer()
+        .forward(&x, &e, &pooled, s.timesteps()[1])
+        .unwrap();
+    check("transformer step 1", &out, g.get("transformer_out_1"), TOL);
+}
+
+#[test]
+fn whole_loop_and_vae_match_diffusers() {
+    let g = Golden::load();
+    let p = pipeline(&g);
+    let cond = p.encode_prompt(g.prompt()).unwrap();
+    let uncond = p.encode_prompt("").unwrap();
+    let steps = g.usize("num_inference_steps");
+    let gs = g.f64("guidance_scale");
+    let one = p
+        .denoise(&cond, Some(&uncond), g.get("init_latents"), 1, gs)
+        .unwrap();
+    // a 1-step schedule differs from the 2-step one: only check it runs
+    assert_eq!(one.dims(), g.get("init_latents").dims());
+    let last = p
+        .denoise(&cond, Some(&uncond), g.get("init_latents"), steps, gs)
+        .unwrap();
+    check("last latents", &last, g.get("latents_final"), TOL);
+    // without guidance the result differs: the unconditional pass is used
+    let plain = p
+        .denoise(&cond, None, g.get("init_latents"), steps, 1.0)
+        .unwrap();
+    assert!(rel_err(&plain, g.get("latents_final")) > 1e-3);
+    let dec = p.decode_raw(g.get("latents_final")).unwrap();
+    check("VAE decode", &dec, g.get("decoded"), TOL);
+    let img = p.decode(&last).unwrap();
+    check("image (float)", &img, g.get("image"), TOL);
+}
+
+#[test]
+fn generated_image_matches_the_pil_output_within_one_level() {
+    let g = Golden::load();
+    let settings = DiffusionSettings {
+        steps: g.usize("num_inference_steps"),
+        guidance: g.f64("guidance_scale"),
+    };
+    let mut gen = Sd3Generator::new(pipeline(&g), settings).unwrap();
+    assert_eq!(
+        gen.resolution(),
+        (g.usize("width") as u32, g.usize("height") as u32)
+    );
+    let init: Vec<f32> = g
+        .get("init_latents")
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    let req = |seed, init: Option<Vec<f32>>| GenerateRequest {
+        prompt: g.prompt().to_string(),
+        seed,
+        init_latents: init,
+    };
+    let imgs = gen
+        .generate(&[req(1, Some(init.clone())), req(2, Some(init.clone()))])
+        .unwrap();
+    let png = image::open(fixture().join(g.meta["png"].as_str().unwrap()))
+        .unwrap()
+        .to_rgb8();
+    assert_eq!(imgs[0].dimensions(), png.dimensions());
+    let max = imgs[0]
+        .as_raw()
+        .iter()
+        .zip(png.as_raw())
+        .map(|(a, b)| (*a as i32 - *b as i32).abs())
+        .max()
+        .unwrap();
+    eprintln!("uint8 image max diff {max}");
+    assert!(max <= 1, "uint8 image differs by {max} levels");
+    assert_eq!(
+        imgs[0], imgs[1],
+        "explicit latents make the seed irrelevant"
+    );
+    // seeds: reproducible, batch-independent, different from each other
+    let a = gen.generate(&[req(5, None), req(6, None)]).unwrap();
+    let b = gen.generate(&[req(5, None)]).unwrap();
+    assert_eq!(a[0], b[0]);
+    assert_ne!(a[0], a[1]);
+    let info = gen.info();
+    assert_eq!(info.architecture, "sd3");
+    assert!(info.smoke_test, "the fixture holds RANDOM_WEIGHTS.md");
+    assert!(info.fingerprint.contains("steps=2/guidance=3.5"));
+    let err = gen
+        .generate(&[req(0, Some(vec![0.0; 3]))])
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("init_latents"), "{err}");
+}
+
+#[test]
+fn load_generator_dispatches_on_model_index() {
+    let gen = load_generator(fixture().to_str().unwrap(), 2, 3.5, &Device::Cpu).unwrap();
+    let info = gen.info();
+    assert_eq!(info.architecture, "sd3");
+    assert!(info.smoke_test);
+    // diffusers' default size: transformer sample_size (8) * vae_scale_factor (4)
+    assert_eq!(gen.resolution(), (32, 32));
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        let dest = to.join(e.file_name());
+        if e.file_type().unwrap().is_dir() {
+            copy_dir(&e.path(), &dest);
+        } else {
+            std::fs::copy(e.path(), dest).unwrap();
+        }
+    }
+}
+
+fn load_error(edit: impl FnOnce(&Path)) -> String {
+    let tmp = tempfile::tempdir().unwrap();
+    copy_dir(&fixture(), tmp.path());
+    edit(tmp.path());
+    match Sd3Pipeline::load_dir(tmp.path(), "broken", &Device::Cpu) {
+        Ok(_) => panic!("a broken copy loaded"),
+        Err(e) => e.to_string(),
+    }
+}
+
+fn edit_json(p: &Path, file: &str, from: &str, to: &str) {
+    let f = p.join(file);
+    let s = std::fs::read_to_string(&f).unwrap();
+    assert!(s.contains(from), "{file} has no {from}");
+    std::fs::write(&f, s.replace(from, to)).unwrap();
+}
+
+#[test]
+fn load_errors_name_the_problem() {
+    let e = load_error(|p| std::fs::remove_dir_all(p.join("text_encoder_3")).unwrap());
+    assert!(
+        e.contains("text_encoder_3") && e.contains("sub-folder"),
+        "{e}"
+    );
+    let e = load_error(|p| {
+        std::fs::remove_file(p.join("transformer/diffusion_pytorch_model.safetensors")).unwrap()
+    });
+    assert!(
+        e.contains("transformer") && e.contains("diffusion_pytorch_model.safetensors"),
+        "{e}"
+    );
+    let e = load_error(|p| {
+        edit_json(
+            p,
+            "transformer/config.json",
+            "\"pooled_projection_dim\": 64",
+            "\"pooled_projection_dim\": 48",
+        )
+    });
+    assert!(e.contains("pooled_projection_dim"), "{e}");
+    let e = load_error(|p| {
+        edit_json(
+            p,
+            "transformer/config.json",
+            "\"dual_attention_layers\": []",
+            "\"dual_attention_layers\": [0]",
+        )
+    });
+    assert!(e.contains("dual_attention_layers"), "{e}");
+}
