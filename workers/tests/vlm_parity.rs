@@ -464,6 +464,19 @@ fn load_errors_name_the_file() {
         e.contains("config.json") && e.contains("mm_tokens_per_image"),
         "{e}"
     );
+
+    // a vocabulary that does not fit the tokenizer (a tokenizer from another checkpoint)
+    let tmp = copy();
+    let c = tmp.path().join("config.json");
+    let mut v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&c).unwrap()).unwrap();
+    v["text_config"]["vocab_size"] = 10.into();
+    std::fs::write(&c, v.to_string()).unwrap();
+    let e = err(tmp.path());
+    assert!(
+        e.contains("tokenizer.json") && e.contains("vocab_size"),
+        "{e}"
+    );
 }
 
 #[test]
