@@ -10,6 +10,11 @@
 //! timestep embedding, which compute what diffusers computes (checked against
 //! diffusers goldens in `tests/generator_parity.rs`).
 //!
+//! SDXL's additions (Podell et al. 2023, arXiv 2307.01952) are supported
+//! too: the `text_time` add-embedding (pooled text embeds and the six
+//! size/crop conditioning ids, see [`TextTimeConfig`]) and per-block
+//! `transformer_layers_per_block` lists.
+//!
 //! Legacy naming as in diffusers: `attention_head_dim` is the number of
 //! heads when `num_attention_heads` is null (every SD 1.x/2.x config).
 
@@ -50,6 +55,25 @@ pub struct UNetConfig {
     pub mid_block_scale_factor: f64,
     pub center_input_sample: bool,
     pub sample_size: usize,
+    /// SDXL's `addition_embed_type: "text_time"`; `None` for SD 1.x/2.x.
+    pub text_time: Option<TextTimeConfig>,
+}
+
+/// SDXL's `text_time` add-embedding: `add_embedding(cat(text_embeds,
+/// sinusoid(time_ids).flatten()))` is added to the timestep embedding.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct TextTimeConfig {
+    /// `addition_time_embed_dim`: sinusoid channels per time id.
+    pub time_embed_dim: usize,
+    /// `projection_class_embeddings_input_dim` = pooled dim + 6 * time_embed_dim.
+    pub input_dim: usize,
+}
+
+impl TextTimeConfig {
+    /// The pooled text embedding size this add-embedding expects (6 time ids).
+    pub fn pooled_dim(&self) -> Option<usize> {
+        self.input_dim.checked_sub(6 * self.time_embed_dim)
+    }
 }
 
 fn per_block(c: &ConfigReader, key: &str, n: usize, default: Option<usize>) -> Result<Vec<usize>> {
@@ -104,7 +128,6 @@ impl UNetConfig {
         };
         for key in [
             "class_embed_type",
-            "addition_embed_type",
             "time_cond_proj_dim",
             "encoder_hid_dim",
             "encoder_hid_dim_type",
@@ -188,7 +211,37 @@ impl UNetConfig {
         if !v["cross_attention_dim"].is_number() && !v["cross_attention_dim"].is_null() {
             return Err(c.error("per-block cross_attention_dim lists are not supported".into()));
         }
+        let text_time = match &v["addition_embed_type"] {
+            Value::Null => None,
+            Value::String(t) if t == "text_time" => {
+                let need = |key: &str| -> Result<usize> {
+                    c.opt_usize(key)?.filter(|&x| x > 0).ok_or_else(|| {
+                        c.error(format!(
+                            "addition_embed_type = \"text_time\" needs a positive {key}"
+                        ))
+                    })
+                };
+                let tt = TextTimeConfig {
+                    time_embed_dim: need("addition_time_embed_dim")?,
+                    input_dim: need("projection_class_embeddings_input_dim")?,
+                };
+                if tt.pooled_dim().is_none_or(|d| d == 0) {
+                    return Err(c.error(format!(
+                        "projection_class_embeddings_input_dim = {} leaves no room for the pooled text \
+                         embeds next to 6 time ids of addition_time_embed_dim = {}",
+                        tt.input_dim, tt.time_embed_dim
+                    )));
+                }
+                Some(tt)
+            }
+            other => {
+                return Err(c.error(format!(
+                    "addition_embed_type = {other} is not supported (null, \"text_time\" are)"
+                )))
+            }
+        };
         let cfg = UNetConfig {
+            text_time,
             in_channels: c.usize("in_channels", 4)?,
             out_channels: c.usize("out_channels", 4)?,
             down_cross_attn,
@@ -506,6 +559,8 @@ pub struct UNet2DCondition {
     conv_in: Conv2d,
     time_proj: Timesteps,
     time_embedding: TimestepEmbedding,
+    /// SDXL: `add_time_proj` and `add_embedding`.
+    add: Option<(Timesteps, TimestepEmbedding)>,
     down: Vec<DownBlock>,
     mid: MidBlock,
     up: Vec<UpBlock>,
@@ -525,6 +580,13 @@ impl UNet2DCondition {
         let conv_in = conv2d(cfg.in_channels, ch[0], 3, pad1, vb.pp("conv_in"))?;
         let time_proj = Timesteps::new(ch[0], cfg.flip_sin_to_cos, cfg.freq_shift);
         let time_embedding = TimestepEmbedding::new(vb.pp("time_embedding"), ch[0], temb)?;
+        let add = match &cfg.text_time {
+            Some(tt) => Some((
+                Timesteps::new(tt.time_embed_dim, cfg.flip_sin_to_cos, cfg.freq_shift),
+                TimestepEmbedding::new(vb.pp("add_embedding"), tt.input_dim, temb)?,
+            )),
+            None => None,
+        };
 
         let mut down = Vec::with_capacity(n);
         let mut out_ch = ch[0];
@@ -665,6 +727,7 @@ impl UNet2DCondition {
             conv_in,
             time_proj,
             time_embedding,
+            add,
             down,
             mid,
             up,
@@ -685,6 +748,19 @@ impl UNet2DCondition {
     /// The denoiser output for `sample` (B, C, H, W) at `timestep`, with the
     /// text encoder's hidden states `context` (B, L, cross_attention_dim).
     pub fn forward(&self, sample: &Tensor, timestep: f64, context: &Tensor) -> CResult<Tensor> {
+        self.forward_with_added(sample, timestep, context, None)
+    }
+
+    /// [`Self::forward`] with SDXL's added conditions `(text_embeds (B,
+    /// pooled), time_ids (B, 6))`, which a `text_time` UNet requires and any
+    /// other UNet refuses.
+    pub fn forward_with_added(
+        &self,
+        sample: &Tensor,
+        timestep: f64,
+        context: &Tensor,
+        added: Option<(&Tensor, &Tensor)>,
+    ) -> CResult<Tensor> {
         let (b, _, h, w) = sample.dims4()?;
         let n = self.down.len();
         let factor = 1usize << (n - 1);
@@ -696,6 +772,22 @@ impl UNet2DCondition {
         };
         let t = (Tensor::ones(b, xs.dtype(), xs.device())? * timestep)?;
         let emb = self.time_embedding.forward(&self.time_proj.forward(&t)?)?;
+        let emb = match (&self.add, added) {
+            (None, None) => emb,
+            (Some((proj, embedding)), Some((text_embeds, time_ids))) => {
+                let ids = time_ids.flatten_all()?.to_dtype(xs.dtype())?;
+                let n = time_ids.dim(0)?;
+                let time = proj.forward(&ids)?.reshape((n, ()))?;
+                let add_in = Tensor::cat(&[text_embeds, &time.to_dtype(text_embeds.dtype())?], 1)?;
+                (emb + embedding.forward(&add_in)?)?
+            }
+            (Some(_), None) => candle_core::bail!(
+                "this UNet (addition_embed_type text_time) needs the pooled text embeds and time ids"
+            ),
+            (None, Some(_)) => {
+                candle_core::bail!("this UNet has no add-embedding for text embeds and time ids")
+            }
+        };
         let mut xs = xs.apply(&self.conv_in)?;
         let mut skips = vec![xs.clone()];
         for d in &self.down {
@@ -771,10 +863,54 @@ mod tests {
     }
 
     #[test]
+    fn sdxl_unet_config_parses() {
+        // stabilityai/sdxl-turbo unet/config.json (transcribed): the keys that differ
+        let sdxl = SD_TURBO_UNET
+            .replace(
+                "\"addition_embed_type\": null",
+                "\"addition_embed_type\": \"text_time\"",
+            )
+            .replace(
+                "\"addition_time_embed_dim\": null",
+                "\"addition_time_embed_dim\": 256",
+            )
+            .replace(
+                "\"projection_class_embeddings_input_dim\": null",
+                "\"projection_class_embeddings_input_dim\": 2816",
+            )
+            .replace("[5, 10, 20, 20]", "[5, 10, 20]")
+            .replace("[320, 640, 1280, 1280]", "[320, 640, 1280]")
+            .replace(
+                "[\"CrossAttnDownBlock2D\", \"CrossAttnDownBlock2D\", \"CrossAttnDownBlock2D\", \"DownBlock2D\"]",
+                "[\"DownBlock2D\", \"CrossAttnDownBlock2D\", \"CrossAttnDownBlock2D\"]",
+            )
+            .replace(
+                "[\"UpBlock2D\", \"CrossAttnUpBlock2D\", \"CrossAttnUpBlock2D\", \"CrossAttnUpBlock2D\"]",
+                "[\"CrossAttnUpBlock2D\", \"CrossAttnUpBlock2D\", \"UpBlock2D\"]",
+            )
+            .replace(
+                "\"transformer_layers_per_block\": 1",
+                "\"transformer_layers_per_block\": [1, 2, 10]",
+            )
+            .replace("\"cross_attention_dim\": 1024", "\"cross_attention_dim\": 2048");
+        let c = UNetConfig::from_diffusers(&reader(&sdxl)).unwrap();
+        let tt = c.text_time.unwrap();
+        assert_eq!((tt.time_embed_dim, tt.input_dim), (256, 2816));
+        assert_eq!(tt.pooled_dim(), Some(1280));
+        assert_eq!(c.transformer_layers_per_block, vec![1, 2, 10]);
+        assert_eq!(c.down_cross_attn, vec![false, true, true]);
+        assert_eq!(c.num_attention_heads, vec![5, 10, 20]);
+        let e = UNetConfig::from_diffusers(&reader(&sdxl.replace("2816", "null")))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("projection_class_embeddings_input_dim"), "{e}");
+    }
+
+    #[test]
     fn unsupported_unet_options_are_named() {
         let sdxl_like = SD_TURBO_UNET.replace(
             "\"addition_embed_type\": null",
-            "\"addition_embed_type\": \"text_time\"",
+            "\"addition_embed_type\": \"image\"",
         );
         let e = UNetConfig::from_diffusers(&reader(&sdxl_like))
             .unwrap_err()
