@@ -8,10 +8,13 @@
 //! FLUX.1 (`FluxPipeline` folders or Hub ids such as
 //! `black-forest-labs/FLUX.1-schnell`), see [`flux`], is tested the same way
 //! (`tests/flux_parity.rs`, `scripts/fixtures/make_flux_fixtures.py`).
-//! SD 3.5 is not implemented yet.
+//! Stable Diffusion 3.5 (`StableDiffusion3Pipeline` folders or Hub ids such
+//! as `stabilityai/stable-diffusion-3.5-large`), see [`sd3`], likewise
+//! (`tests/sd3_parity.rs`, `scripts/fixtures/make_sd3_fixtures.py`).
 
 pub mod euler;
 pub mod flux;
+pub mod sd3;
 pub mod sd_turbo;
 pub mod sdxl;
 pub mod unet;
@@ -19,6 +22,7 @@ pub mod unet;
 use candle_core::Device;
 
 pub use flux::{FluxGenerator, FluxPipeline};
+pub use sd3::{Sd3Generator, Sd3Pipeline};
 pub use sd_turbo::{SdTurboGenerator, SdTurboPipeline};
 
 use crate::generator::DiffusionSettings;
@@ -28,7 +32,8 @@ use crate::{ImageGenerator, Result};
 /// `steps` denoising steps (SD-Turbo: 1), classifier-free `guidance`
 /// (SD-Turbo: 0; values <= 1 skip the unconditional pass). A folder whose
 /// `model_index.json` names `FluxPipeline` loads FLUX.1 (`guidance` is then
-/// FLUX.1-dev's embedded guidance scale), anything else the Stable Diffusion
+/// FLUX.1-dev's embedded guidance scale), `StableDiffusion3Pipeline` SD 3.5
+/// (classifier-free guidance), anything else the Stable Diffusion
 /// pipeline.
 pub fn load_generator(
     spec: &str,
@@ -40,6 +45,13 @@ pub fn load_generator(
     if flux::is_flux_pipeline(&dir) {
         let pipe = FluxPipeline::load_dir(&dir, &source, device)?;
         return Ok(Box::new(FluxGenerator::new(
+            pipe,
+            DiffusionSettings { steps, guidance },
+        )?));
+    }
+    if sd3::is_sd3_pipeline(&dir) {
+        let pipe = Sd3Pipeline::load_dir(&dir, &source, device)?;
+        return Ok(Box::new(Sd3Generator::new(
             pipe,
             DiffusionSettings { steps, guidance },
         )?));
