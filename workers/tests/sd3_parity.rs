@@ -392,3 +392,96 @@ fn load_errors_name_the_problem() {
     });
     assert!(e.contains("dual_attention_layers"), "{e}");
 }
+
+/// SD 3.5 Large's default 28-step schedule (the fixture's scheduler config
+/// is SD 3.5 Large's: shift 3.0, no dynamic shifting).
+#[test]
+fn sd35_large_28_step_schedule_matches_diffusers() {
+    let g = Golden::load();
+    let p = pipeline(&g);
+    let s = p.scheduler(28).unwrap();
+    let want = |k: &str| -> Vec<f64> {
+        g.meta["schedule_28"][k]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_f64().unwrap())
+            .collect()
+    };
+    for (what, ours, want) in [
+        ("timesteps", s.timesteps(), want("timesteps")),
+        ("sigmas", s.sigmas(), want("sigmas")),
+    ] {
+        assert_eq!(ours.len(), want.len(), "{what}");
+        for (a, b) in ours.iter().zip(&want) {
+            assert!(
+                (*a as f64 - b).abs() <= 1e-6 * b.abs().max(1.0),
+                "{what}: {a} vs {b}"
+            );
+        }
+    }
+}
+
+/// SD 3.5's CLIP configs say `eos_token_id = 2`: transformers then pools at
+/// the largest id, which is the eos here too.
+#[test]
+fn clip_pooling_with_legacy_eos_id() {
+    let g = Golden::load();
+    let tmp = tempfile::tempdir().unwrap();
+    copy_dir(&fixture(), tmp.path());
+    for enc in ["text_encoder", "text_encoder_2"] {
+        let f = tmp.path().join(enc).join("config.json");
+        let mut v: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&f).unwrap()).unwrap();
+        assert_ne!(v["eos_token_id"], 2);
+        v["eos_token_id"] = 2.into();
+        std::fs::write(&f, v.to_string()).unwrap();
+    }
+    let p = Sd3Pipeline::load_dir_with(tmp.path(), "eos2", 16, &Device::Cpu).unwrap();
+    let (embeds, pooled) = p.encode_prompt(g.prompt()).unwrap();
+    let (want_e, want_p) = g.embeds("cond");
+    check("prompt_embeds (eos_token_id 2)", &embeds, &want_e, TOL);
+    check("pooled (eos_token_id 2)", &pooled, &want_p, TOL);
+}
+
+/// `stabilityai/stable-diffusion-3.5-large`'s transformer/config.json parses
+/// (qk RMSNorm, no dual-attention layers); SD 3.5 Medium's MMDiT-X is refused
+/// by name.
+#[test]
+fn sd35_large_transformer_config_parses() {
+    use mirgen_workers::encoders::hf::ConfigReader;
+    use mirgen_workers::generators::sd3::Sd3Config;
+    let tmp = tempfile::tempdir().unwrap();
+    let large = serde_json::json!({
+        "_class_name": "SD3Transformer2DModel",
+        "_diffusers_version": "0.31.0.dev0",
+        "attention_head_dim": 64,
+        "caption_projection_dim": 2432,
+        "in_channels": 16,
+        "joint_attention_dim": 4096,
+        "num_attention_heads": 38,
+        "num_layers": 38,
+        "out_channels": 16,
+        "patch_size": 2,
+        "pooled_projection_dim": 2048,
+        "pos_embed_max_size": 192,
+        "qk_norm": "rms_norm",
+        "sample_size": 128
+    });
+    std::fs::write(tmp.path().join("config.json"), large.to_string()).unwrap();
+    let c =
+        Sd3Config::from_diffusers(&ConfigReader::read(tmp.path(), "config.json").unwrap()).unwrap();
+    assert_eq!(c.inner_dim(), 2432);
+    assert!(c.qk_rms_norm);
+    assert_eq!(
+        (c.num_layers, c.pos_embed_max_size, c.sample_size),
+        (38, 192, 128)
+    );
+    let mut medium = large.clone();
+    medium["dual_attention_layers"] = serde_json::json!([0, 1, 2]);
+    std::fs::write(tmp.path().join("config.json"), medium.to_string()).unwrap();
+    let e = Sd3Config::from_diffusers(&ConfigReader::read(tmp.path(), "config.json").unwrap())
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("dual_attention_layers"), "{e}");
+}
