@@ -11,6 +11,9 @@
 //! Stable Diffusion 3.5 (`StableDiffusion3Pipeline` folders or Hub ids such
 //! as `stabilityai/stable-diffusion-3.5-large`), see [`sd3`], likewise
 //! (`tests/sd3_parity.rs`, `scripts/fixtures/make_sd3_fixtures.py`).
+//! SDXL-Turbo (`StableDiffusionXLPipeline`, e.g. `stabilityai/sdxl-turbo`),
+//! see [`sdxl`], likewise (`tests/sdxl_parity.rs`,
+//! `scripts/fixtures/make_sdxl_fixtures.py`).
 
 pub mod euler;
 pub mod flux;
