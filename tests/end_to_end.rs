@@ -1517,3 +1517,52 @@ fn vlm_command_continues_as_transformers_does() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("config.json"));
 }
+
+#[test]
+fn each_generator_draws_the_rounds_of_a_job_from_its_checkpoint_folder() {
+    let root = generator_fixture();
+    let root = root.parent().unwrap();
+    for (name, arch, steps, guidance, size) in [
+        ("sd-turbo", "sd-turbo", 1, 0.0, 32),
+        ("sdxl-turbo", "sdxl-turbo", 1, 0.0, 32),
+        ("sd3", "sd3", 2, 3.5, 32),
+        ("flux", "flux", 1, 3.5, 512),
+    ] {
+        let tmp = tempfile::tempdir().unwrap();
+        let corpus = tmp.path().join("corpus");
+        make_corpus(&corpus, 2);
+        let config = write_config(tmp.path(), &corpus, 0, "");
+        let text = std::fs::read_to_string(&config)
+            .unwrap()
+            .replace(
+                "[models.vlm]\npreset = \"tiny\"",
+                "[models.vlm]\npreset = \"simulation\"",
+            )
+            .replace(
+                "[models.embedder]\npreset = \"tiny\"",
+                "[models.embedder]\npreset = \"simulation\"",
+            )
+            .replace(
+                "[models.generator]\npreset = \"tiny\"\nsteps = 2\nguidance = 2.0",
+                &format!(
+                    "[models.generator]\nmodel = \"{}\"\nsteps = {steps}\nguidance = {guidance:?}",
+                    root.join(name).display()
+                ),
+            );
+        assert!(text.contains(&format!("generators/{name}")), "{text}");
+        std::fs::write(&config, text).unwrap();
+        let out = tmp.path().join("out");
+        run_job(&config, &out, 1);
+        let (manifest, rows) = read_dataset(&out);
+        assert_each_target_round_once(&rows, 2, 0);
+        let manifest = serde_json::to_value(&manifest).unwrap();
+        assert_eq!(manifest["models"]["generator"]["architecture"], arch);
+        assert_eq!(manifest["models"]["generator"]["smoke_test"], true);
+        for r in &rows {
+            assert_eq!(r.status, RecordStatus::Ok, "{name}: {:?}", r.error);
+            let drawing = r.synthetic_image.as_ref().unwrap();
+            let drawing = mirgen_workers::image_io::decode_rgb("drawing", &drawing.bytes).unwrap();
+            assert_eq!(drawing.dimensions(), (size, size), "{name}");
+        }
+    }
+}
