@@ -387,7 +387,7 @@ fn load_errors_name_the_problem() {
             p,
             "transformer/config.json",
             "\"dual_attention_layers\": []",
-            "\"dual_attention_layers\": [0]",
+            "\"dual_attention_layers\": [5]",
         )
     });
     assert!(e.contains("dual_attention_layers"), "{e}");
@@ -445,8 +445,8 @@ fn clip_pooling_with_legacy_eos_id() {
 }
 
 /// `stabilityai/stable-diffusion-3.5-large`'s transformer/config.json parses
-/// (qk RMSNorm, no dual-attention layers); SD 3.5 Medium's MMDiT-X is refused
-/// by name.
+/// (qk RMSNorm, no dual-attention layers), and with SD 3.5 Medium's
+/// `dual_attention_layers`.
 #[test]
 fn sd35_large_transformer_config_parses() {
     use mirgen_workers::encoders::hf::ConfigReader;
@@ -480,8 +480,47 @@ fn sd35_large_transformer_config_parses() {
     let mut medium = large.clone();
     medium["dual_attention_layers"] = serde_json::json!([0, 1, 2]);
     std::fs::write(tmp.path().join("config.json"), medium.to_string()).unwrap();
+    let c =
+        Sd3Config::from_diffusers(&ConfigReader::read(tmp.path(), "config.json").unwrap()).unwrap();
+    assert_eq!(c.dual_attention_layers, vec![0, 1, 2]);
+    medium["dual_attention_layers"] = serde_json::json!([38]);
+    std::fs::write(tmp.path().join("config.json"), medium.to_string()).unwrap();
     let e = Sd3Config::from_diffusers(&ConfigReader::read(tmp.path(), "config.json").unwrap())
         .unwrap_err()
         .to_string();
     assert!(e.contains("dual_attention_layers"), "{e}");
+}
+
+/// SD 3.5 Medium's MMDiT-X: `medium_transformer/` (dual attention in block 0,
+/// its own random weights) on step 0's CFG batch.
+#[test]
+fn dual_attention_transformer_matches_diffusers() {
+    use mirgen_workers::encoders::hf::ConfigReader;
+    use mirgen_workers::generators::sd3::{Sd3Config, Sd3Transformer};
+    let g = Golden::load();
+    let dir = fixture().join("medium_transformer");
+    let cfg = Sd3Config::from_diffusers(&ConfigReader::read(&dir, "config.json").unwrap()).unwrap();
+    assert_eq!(cfg.dual_attention_layers, vec![0]);
+    let vb = unsafe {
+        candle_nn::VarBuilder::from_mmaped_safetensors(
+            &[dir.join("diffusion_pytorch_model.safetensors")],
+            DType::F32,
+            &Device::Cpu,
+        )
+    }
+    .unwrap();
+    let t = Sd3Transformer::new(&cfg, vb).unwrap();
+    let t0: Vec<f32> = g.get("transformer_timestep_0").to_vec1().unwrap();
+    let (uc, cc) = (g.embeds("uncond"), g.embeds("cond"));
+    let init = g.get("init_latents");
+    let x = Tensor::cat(&[init, init], 0).unwrap();
+    let e = Tensor::cat(&[&uc.0, &cc.0], 0).unwrap();
+    let pooled = Tensor::cat(&[&uc.1, &cc.1], 0).unwrap();
+    let out = t.forward(&x, &e, &pooled, t0[0]).unwrap();
+    check(
+        "dual-attention transformer step 0",
+        &out,
+        g.get("medium.transformer_out_0"),
+        TOL,
+    );
 }

@@ -5,8 +5,8 @@
 //! - Stable Diffusion 3 / 3.5: Esser et al., *Scaling Rectified Flow
 //!   Transformers for High-Resolution Image Synthesis*, arXiv 2403.03206
 //!   (MMDiT, rectified flow); Hugging Face `stabilityai/stable-diffusion-3.5-large`
-//!   (and `-large-turbo`). `stabilityai/stable-diffusion-3.5-medium` (MMDiT-X
-//!   dual-attention layers) is refused with a clear error.
+//!   (and `-large-turbo`), `stabilityai/stable-diffusion-3.5-medium` (MMDiT-X:
+//!   `dual_attention_layers`, a second image-only attention in those blocks).
 //!
 //! A pipeline folder holds `model_index.json` (`StableDiffusion3Pipeline`),
 //! `tokenizer/` + `text_encoder/` (CLIP-L, `CLIPTextModelWithProjection`),
@@ -353,6 +353,8 @@ pub struct Sd3Config {
     pub pos_embed_max_size: usize,
     /// `qk_norm = "rms_norm"` (SD 3.5) or none (SD 3).
     pub qk_rms_norm: bool,
+    /// Blocks with a second (image-only) attention: SD 3.5 Medium's MMDiT-X.
+    pub dual_attention_layers: Vec<usize>,
 }
 
 impl Sd3Config {
@@ -365,16 +367,24 @@ impl Sd3Config {
             }
         }
         let v = c.value();
-        match &v["dual_attention_layers"] {
-            Value::Null => {}
-            Value::Array(a) if a.is_empty() => {}
+        let dual_attention_layers: Vec<usize> = match &v["dual_attention_layers"] {
+            Value::Null => Vec::new(),
+            Value::Array(a) => a
+                .iter()
+                .map(|x| {
+                    x.as_u64().map(|x| x as usize).ok_or_else(|| {
+                        c.error(format!(
+                            "dual_attention_layers entry {x} is not a block index"
+                        ))
+                    })
+                })
+                .collect::<Result<_>>()?,
             other => {
                 return Err(c.error(format!(
-                    "dual_attention_layers = {other}: the MMDiT-X dual-attention blocks of SD 3.5 Medium \
-                     are not implemented (SD 3.5 Large is)"
+                    "dual_attention_layers = {other} is not a list of block indexes"
                 )))
             }
-        }
+        };
         let qk_rms_norm = match c.str("qk_norm") {
             None => false,
             Some("rms_norm") => true,
@@ -406,6 +416,7 @@ impl Sd3Config {
             pooled_projection_dim: c.usize("pooled_projection_dim", 2048)?,
             pos_embed_max_size,
             qk_rms_norm,
+            dual_attention_layers,
         };
         if cfg.caption_projection_dim != cfg.inner_dim() {
             return Err(c.error(format!(
@@ -416,6 +427,16 @@ impl Sd3Config {
         }
         if cfg.num_layers == 0 || cfg.patch_size == 0 {
             return Err(c.error("num_layers and patch_size must be positive".into()));
+        }
+        if let Some(i) = cfg
+            .dual_attention_layers
+            .iter()
+            .find(|&&i| i >= cfg.num_layers)
+        {
+            return Err(c.error(format!(
+                "dual_attention_layers names block {i}, the model has {} blocks",
+                cfg.num_layers
+            )));
         }
         Ok(cfg)
     }
@@ -569,6 +590,8 @@ struct JointBlock {
     img: Qkv,
     txt: Qkv,
     to_out: Linear,
+    /// MMDiT-X: `attn2` (image self-attention) and its `to_out.0`.
+    attn2: Option<(Qkv, Linear)>,
     ff: FeedForward,
     context: ContextStream,
     heads: usize,
@@ -580,6 +603,7 @@ impl JointBlock {
         heads: usize,
         qk_norm: bool,
         pre_only: bool,
+        dual: bool,
         vb: VarBuilder,
     ) -> candle_core::Result<Self> {
         let a = vb.pp("attn");
@@ -595,8 +619,25 @@ impl JointBlock {
                 ff: FeedForward::new(dim, vb.pp("ff_context"))?,
             }
         };
+        let attn2 = if dual {
+            let a2 = vb.pp("attn2");
+            Some((
+                Qkv::new(
+                    dim,
+                    hd,
+                    qk_norm,
+                    ["to_q", "to_k", "to_v", "norm_q", "norm_k"],
+                    &a2,
+                )?,
+                linear(dim, dim, a2.pp("to_out.0"))?,
+            ))
+        } else {
+            None
+        };
+        let n1 = if dual { 9 } else { 6 };
         Ok(JointBlock {
-            norm1: linear(dim, 6 * dim, vb.pp("norm1.linear"))?,
+            norm1: linear(dim, n1 * dim, vb.pp("norm1.linear"))?,
+            attn2,
             img: Qkv::new(
                 dim,
                 hd,
@@ -633,8 +674,11 @@ impl JointBlock {
         temb_act: &Tensor,
     ) -> candle_core::Result<(Tensor, Option<Tensor>)> {
         // AdaLayerNormZero: shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp
-        let m = self.norm1.forward(temb_act)?.chunk(6, 1)?;
-        let n_img = modulate(&layer_norm_plain(img, 1e-6)?, &m[0], &m[1])?;
+        // (SD35AdaLayerNormZeroX: then shift_msa2, scale_msa2, gate_msa2)
+        let chunks = if self.attn2.is_some() { 9 } else { 6 };
+        let m = self.norm1.forward(temb_act)?.chunk(chunks, 1)?;
+        let ln_img = layer_norm_plain(img, 1e-6)?;
+        let n_img = modulate(&ln_img, &m[0], &m[1])?;
         let (n_txt, c) = match &self.context {
             ContextStream::Full { norm1, .. } => {
                 let c = norm1.forward(temb_act)?.chunk(6, 1)?;
@@ -657,7 +701,13 @@ impl JointBlock {
         let lt = txt.dim(1)?;
         let a_img = self.to_out.forward(&out.narrow(1, 0, li)?)?;
 
-        let img = (img + gate(&a_img, &m[2])?)?;
+        let mut img = (img + gate(&a_img, &m[2])?)?;
+        if let Some((qkv, to_out)) = &self.attn2 {
+            let n2 = modulate(&ln_img, &m[6], &m[7])?;
+            let (q, k, v) = qkv.forward(&n2, self.heads)?;
+            let a2 = to_out.forward(&attention(&q, &k, &v)?)?;
+            img = (img + gate(&a2, &m[8])?)?;
+        }
         let n = modulate(&layer_norm_plain(&img, 1e-6)?, &m[3], &m[4])?;
         let img = (&img + gate(&self.ff.forward(&n)?, &m[5])?)?;
 
@@ -721,6 +771,7 @@ impl Sd3Transformer {
                         heads,
                         cfg.qk_rms_norm,
                         i + 1 == cfg.num_layers,
+                        cfg.dual_attention_layers.contains(&i),
                         vb.pp(format!("transformer_blocks.{i}")),
                     )
                 })
