@@ -39,23 +39,20 @@ use std::sync::Mutex;
 
 use candle_core::{DType, Device, IndexOp, Module, Tensor, D};
 use candle_nn::{linear, rms_norm, Linear, RmsNorm, VarBuilder};
-use candle_transformers::models::stable_diffusion::vae::{AutoEncoderKL, AutoEncoderKLConfig};
+use candle_transformers::models::stable_diffusion::vae::AutoEncoderKL;
 use candle_transformers::models::t5::{Config as T5Config, T5EncoderModel};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 use tokenizers::{PaddingParams, PaddingStrategy, Tokenizer, TruncationParams};
 
 use super::sd_turbo::{
-    part_weight_files, resolve_pipeline, ClipTextConfig, ClipTextEncoder, PromptTokenizer,
+    part_weight_files, resolve_pipeline, vae_config, weights_err, ClipTextConfig, ClipTextEncoder,
+    PromptTokenizer, VaeDefaults,
 };
-use crate::encoders::hf::{plain, ConfigReader};
+use crate::encoders::hf::{load_err, plain, ConfigReader};
 use crate::generator::DiffusionSettings;
 use crate::seed::gaussian;
 use crate::{GenerateRequest, ImageGenerator, ModelInfo, Result, RgbImage, WorkerError};
-
-fn load_err(msg: String) -> WorkerError {
-    WorkerError::Load(msg)
-}
 
 // ------------------------------------------------------------------ folder
 
@@ -131,13 +128,6 @@ fn part_var_builder(
     let vb = unsafe { VarBuilder::from_mmaped_safetensors(&files, DType::F32, device) }
         .map_err(|e| load_err(format!("{label}: {}", plain(e))))?;
     Ok((vb, label))
-}
-
-fn weights_err(label: &str, e: candle_core::Error) -> WorkerError {
-    load_err(format!(
-        "{label}: {}; the weights do not fit the part's config.json (are they from the same checkpoint?)",
-        plain(e)
-    ))
 }
 
 // ------------------------------------------------------------------ T5 tokenizer
@@ -424,7 +414,7 @@ impl FluxConfig {
 }
 
 /// LayerNorm without affine parameters.
-fn layer_norm_plain(x: &Tensor, eps: f64) -> candle_core::Result<Tensor> {
+pub(crate) fn layer_norm_plain(x: &Tensor, eps: f64) -> candle_core::Result<Tensor> {
     let mean = x.mean_keepdim(D::Minus1)?;
     let x = x.broadcast_sub(&mean)?;
     let var = x.sqr()?.mean_keepdim(D::Minus1)?;
@@ -439,7 +429,7 @@ fn modulate(x: &Tensor, shift: &Tensor, scale: &Tensor) -> candle_core::Result<T
 
 /// diffusers' `get_timestep_embedding(t, 256, flip_sin_to_cos=True,
 /// downscale_freq_shift=0)`: (B,) -> (B, 256) `[cos, sin]`.
-fn timestep_proj(t: &Tensor) -> candle_core::Result<Tensor> {
+pub(crate) fn timestep_proj(t: &Tensor) -> candle_core::Result<Tensor> {
     let half = 128usize;
     let freqs: Vec<f32> = (0..half)
         .map(|i| (-(10000f32.ln()) * i as f32 / half as f32).exp())
@@ -501,7 +491,7 @@ fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> candle_core::Result<Ten
 }
 
 /// q, k, v (B, S, H, D) -> (B, S, H * D).
-fn attention(q: &Tensor, k: &Tensor, v: &Tensor) -> candle_core::Result<Tensor> {
+pub(crate) fn attention(q: &Tensor, k: &Tensor, v: &Tensor) -> candle_core::Result<Tensor> {
     let (b, s, h, d) = q.dims4()?;
     let q = q.transpose(1, 2)?.contiguous()?;
     let k = k.transpose(1, 2)?.contiguous()?;
@@ -821,75 +811,6 @@ pub fn image_ids(h: usize, w: usize) -> Vec<[f32; 3]> {
 
 // ------------------------------------------------------------------ VAE
 
-fn vae_config(c: &ConfigReader) -> Result<(AutoEncoderKLConfig, f64, f64, usize)> {
-    if let Some(class) = c.str("_class_name") {
-        if class != "AutoencoderKL" {
-            return Err(c.error(format!(
-                "_class_name = {class:?}: only AutoencoderKL is implemented"
-            )));
-        }
-    }
-    let v = c.value();
-    let boc: Vec<usize> = match &v["block_out_channels"] {
-        Value::Array(a) if !a.is_empty() => a
-            .iter()
-            .map(|x| {
-                x.as_u64()
-                    .map(|x| x as usize)
-                    .ok_or_else(|| c.error(format!("block_out_channels entry {x} is not a count")))
-            })
-            .collect::<Result<_>>()?,
-        Value::Null => vec![64],
-        other => return Err(c.error(format!("block_out_channels = {other} is not a list"))),
-    };
-    for (key, want) in [
-        ("down_block_types", "DownEncoderBlock2D"),
-        ("up_block_types", "UpDecoderBlock2D"),
-    ] {
-        match &v[key] {
-            Value::Null => {}
-            Value::Array(a) if a.iter().all(|x| x.as_str() == Some(want)) => {}
-            other => {
-                return Err(c.error(format!(
-                    "{key} = {other}: only {want} blocks are implemented"
-                )))
-            }
-        }
-    }
-    if c.str("act_fn").is_some_and(|a| a != "silu") {
-        return Err(c.error("act_fn other than silu is not supported".into()));
-    }
-    if !c.bool("mid_block_add_attention", true)? {
-        return Err(c.error("mid_block_add_attention = false is not supported".into()));
-    }
-    if c.usize("in_channels", 3)? != 3 || c.usize("out_channels", 3)? != 3 {
-        return Err(c.error("in_channels and out_channels must be 3 (RGB)".into()));
-    }
-    let cfg = AutoEncoderKLConfig {
-        layers_per_block: c.usize("layers_per_block", 1)?,
-        latent_channels: c.usize("latent_channels", 16)?,
-        norm_num_groups: c.usize("norm_num_groups", 32)?,
-        use_quant_conv: c.bool("use_quant_conv", true)?,
-        use_post_quant_conv: c.bool("use_post_quant_conv", true)?,
-        block_out_channels: boc.clone(),
-    };
-    if let Some(b) = boc
-        .iter()
-        .find(|&&b| cfg.norm_num_groups == 0 || b % cfg.norm_num_groups != 0)
-    {
-        return Err(c.error(format!(
-            "{b} channels are not divisible into norm_num_groups = {}",
-            cfg.norm_num_groups
-        )));
-    }
-    Ok((
-        cfg,
-        c.f64("scaling_factor", 0.3611)?,
-        c.f64("shift_factor", 0.0)?,
-        1 << (boc.len() - 1),
-    ))
-}
-
 // ------------------------------------------------------------------ pipeline
 
 /// Diffusers' `FluxPipeline.__call__` default `max_sequence_length`.
@@ -986,7 +907,14 @@ impl FluxPipeline {
         let transformer = FluxTransformer::new(&fcfg, vb).map_err(|e| weights_err(&label, e))?;
 
         let vcfg_r = ConfigReader::read(&part("vae"), "config.json")?;
-        let (vcfg, scaling_factor, shift_factor, vae_scale_factor) = vae_config(&vcfg_r)?;
+        let (vcfg, scaling_factor, shift_factor, vae_scale_factor) = vae_config(
+            &vcfg_r,
+            VaeDefaults {
+                latent_channels: 16,
+                scaling_factor: 0.3611,
+                shift_factor: Some(0.0),
+            },
+        )?;
         if vcfg.latent_channels * 4 != fcfg.in_channels {
             return Err(fcfg_r.error(format!(
                 "in_channels = {} but the VAE has latent_channels = {} (packed 2x2: 4x that)",

@@ -40,27 +40,26 @@ use std::io::{Read, Seek, SeekFrom};
 use std::path::Path;
 use std::sync::Mutex;
 
-use candle_core::{DType, Device, IndexOp, Module, Tensor, D};
+use candle_core::{DType, Device, IndexOp, Module, Tensor};
 use candle_nn::{
     conv2d, embedding, layer_norm, linear, linear_no_bias, rms_norm, Conv2d, Conv2dConfig,
     Embedding, LayerNorm, Linear, RmsNorm, VarBuilder,
 };
-use candle_transformers::models::stable_diffusion::vae::{AutoEncoderKL, AutoEncoderKLConfig};
+use candle_transformers::models::stable_diffusion::vae::AutoEncoderKL;
 use candle_transformers::models::t5::{Config as T5Config, T5EncoderModel};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
-use super::flux::{FlowMatchConfig, T5PromptTokenizer};
-use super::sd_turbo::{part_weight_files, resolve_pipeline, ClipTextConfig, PromptTokenizer};
-use crate::encoders::hf::{plain, ConfigReader};
+use super::flux::{attention, layer_norm_plain, timestep_proj, FlowMatchConfig, T5PromptTokenizer};
+use super::sd_turbo::{
+    part_weight_files, resolve_pipeline, vae_config, weights_err, ClipTextConfig, PromptTokenizer,
+    VaeDefaults,
+};
+use crate::encoders::hf::{load_err, plain, ConfigReader};
 use crate::encoders::layers::{causal_mask, EncoderLayer};
 use crate::generator::DiffusionSettings;
 use crate::seed::gaussian;
 use crate::{GenerateRequest, ImageGenerator, ModelInfo, Result, RgbImage, WorkerError};
-
-fn load_err(msg: String) -> WorkerError {
-    WorkerError::Load(msg)
-}
 
 // ------------------------------------------------------------------ folder
 
@@ -145,13 +144,6 @@ fn part_var_builder(
     let vb = unsafe { VarBuilder::from_mmaped_safetensors(&files, DType::F32, device) }
         .map_err(|e| load_err(format!("{label}: {}", plain(e))))?;
     Ok((vb, label))
-}
-
-fn weights_err(label: &str, e: candle_core::Error) -> WorkerError {
-    load_err(format!(
-        "{label}: {}; the weights do not fit the part's config.json (are they from the same checkpoint?)",
-        plain(e)
-    ))
 }
 
 // ------------------------------------------------------------------ CLIP with projection
@@ -446,14 +438,6 @@ impl Sd3Config {
     }
 }
 
-/// LayerNorm without affine parameters.
-fn layer_norm_plain(x: &Tensor, eps: f64) -> candle_core::Result<Tensor> {
-    let mean = x.mean_keepdim(D::Minus1)?;
-    let x = x.broadcast_sub(&mean)?;
-    let var = x.sqr()?.mean_keepdim(D::Minus1)?;
-    x.broadcast_div(&(var + eps)?.sqrt()?)
-}
-
 /// `x * (1 + scale) + shift` with (B, dim) scale and shift.
 fn modulate(x: &Tensor, shift: &Tensor, scale: &Tensor) -> candle_core::Result<Tensor> {
     x.broadcast_mul(&(scale.unsqueeze(1)? + 1.0)?)?
@@ -462,21 +446,6 @@ fn modulate(x: &Tensor, shift: &Tensor, scale: &Tensor) -> candle_core::Result<T
 
 fn gate(x: &Tensor, g: &Tensor) -> candle_core::Result<Tensor> {
     x.broadcast_mul(&g.unsqueeze(1)?)
-}
-
-/// diffusers' `Timesteps(256, flip_sin_to_cos=True, downscale_freq_shift=0)`:
-/// (B,) -> (B, 256) `[cos, sin]`.
-fn timestep_proj(t: &Tensor) -> candle_core::Result<Tensor> {
-    let half = 128usize;
-    let freqs: Vec<f32> = (0..half)
-        .map(|i| (-(10000f32.ln()) * i as f32 / half as f32).exp())
-        .collect();
-    let freqs = Tensor::from_vec(freqs, (1, half), t.device())?;
-    let args = t
-        .to_dtype(DType::F32)?
-        .unsqueeze(1)?
-        .broadcast_mul(&freqs)?;
-    Tensor::cat(&[args.cos()?, args.sin()?], 1)
 }
 
 /// Linear, SiLU, Linear (`TimestepEmbedding`, `PixArtAlphaTextProjection`).
@@ -513,17 +482,6 @@ impl FeedForward {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         self.out.forward(&self.proj.forward(x)?.gelu()?)
     }
-}
-
-/// q, k, v (B, S, H, D) -> (B, S, H * D).
-fn attention(q: &Tensor, k: &Tensor, v: &Tensor) -> candle_core::Result<Tensor> {
-    let (b, s, h, d) = q.dims4()?;
-    let q = q.transpose(1, 2)?.contiguous()?;
-    let k = k.transpose(1, 2)?.contiguous()?;
-    let v = v.transpose(1, 2)?.contiguous()?;
-    let att = (q.matmul(&k.t()?)? / (d as f64).sqrt())?;
-    let att = candle_nn::ops::softmax_last_dim(&att)?;
-    att.matmul(&v)?.transpose(1, 2)?.reshape((b, s, h * d))
 }
 
 struct Qkv {
@@ -843,75 +801,6 @@ impl Sd3Transformer {
 
 // ------------------------------------------------------------------ VAE
 
-fn vae_config(c: &ConfigReader) -> Result<(AutoEncoderKLConfig, f64, f64, usize)> {
-    if let Some(class) = c.str("_class_name") {
-        if class != "AutoencoderKL" {
-            return Err(c.error(format!(
-                "_class_name = {class:?}: only AutoencoderKL is implemented"
-            )));
-        }
-    }
-    let v = c.value();
-    let boc: Vec<usize> = match &v["block_out_channels"] {
-        Value::Array(a) if !a.is_empty() => a
-            .iter()
-            .map(|x| {
-                x.as_u64()
-                    .map(|x| x as usize)
-                    .ok_or_else(|| c.error(format!("block_out_channels entry {x} is not a count")))
-            })
-            .collect::<Result<_>>()?,
-        Value::Null => vec![64],
-        other => return Err(c.error(format!("block_out_channels = {other} is not a list"))),
-    };
-    for (key, want) in [
-        ("down_block_types", "DownEncoderBlock2D"),
-        ("up_block_types", "UpDecoderBlock2D"),
-    ] {
-        match &v[key] {
-            Value::Null => {}
-            Value::Array(a) if a.iter().all(|x| x.as_str() == Some(want)) => {}
-            other => {
-                return Err(c.error(format!(
-                    "{key} = {other}: only {want} blocks are implemented"
-                )))
-            }
-        }
-    }
-    if c.str("act_fn").is_some_and(|a| a != "silu") {
-        return Err(c.error("act_fn other than silu is not supported".into()));
-    }
-    if !c.bool("mid_block_add_attention", true)? {
-        return Err(c.error("mid_block_add_attention = false is not supported".into()));
-    }
-    if c.usize("in_channels", 3)? != 3 || c.usize("out_channels", 3)? != 3 {
-        return Err(c.error("in_channels and out_channels must be 3 (RGB)".into()));
-    }
-    let cfg = AutoEncoderKLConfig {
-        layers_per_block: c.usize("layers_per_block", 1)?,
-        latent_channels: c.usize("latent_channels", 16)?,
-        norm_num_groups: c.usize("norm_num_groups", 32)?,
-        use_quant_conv: c.bool("use_quant_conv", true)?,
-        use_post_quant_conv: c.bool("use_post_quant_conv", true)?,
-        block_out_channels: boc.clone(),
-    };
-    if let Some(b) = boc
-        .iter()
-        .find(|&&b| cfg.norm_num_groups == 0 || b % cfg.norm_num_groups != 0)
-    {
-        return Err(c.error(format!(
-            "{b} channels are not divisible into norm_num_groups = {}",
-            cfg.norm_num_groups
-        )));
-    }
-    Ok((
-        cfg,
-        c.f64("scaling_factor", 1.5305)?,
-        c.f64("shift_factor", 0.0609)?,
-        1 << (boc.len() - 1),
-    ))
-}
-
 // ------------------------------------------------------------------ pipeline
 
 /// Diffusers' `StableDiffusion3Pipeline.__call__` default `max_sequence_length`.
@@ -1014,7 +903,14 @@ impl Sd3Pipeline {
         let transformer = Sd3Transformer::new(&tcfg, vb).map_err(|e| weights_err(&label, e))?;
 
         let vcfg_r = ConfigReader::read(&part("vae"), "config.json")?;
-        let (vcfg, scaling_factor, shift_factor, vae_scale_factor) = vae_config(&vcfg_r)?;
+        let (vcfg, scaling_factor, shift_factor, vae_scale_factor) = vae_config(
+            &vcfg_r,
+            VaeDefaults {
+                latent_channels: 16,
+                scaling_factor: 1.5305,
+                shift_factor: Some(0.0609),
+            },
+        )?;
         if vcfg.latent_channels != tcfg.in_channels || tcfg.out_channels != tcfg.in_channels {
             return Err(tcfg_r.error(format!(
                 "in_channels = {}, out_channels = {} but the VAE has latent_channels = {}",

@@ -42,15 +42,11 @@ use tokenizers::{AddedToken, Tokenizer};
 
 use super::euler::{EulerDiscrete, EulerDiscreteConfig};
 use super::unet::{UNet2DCondition, UNetConfig};
-use crate::encoders::hf::{parse_spec, plain, ConfigReader, ModelSource};
+use crate::encoders::hf::{load_err, parse_spec, plain, ConfigReader, ModelSource};
 use crate::encoders::layers::{causal_mask, Encoder, TowerConfig};
 use crate::generator::DiffusionSettings;
 use crate::seed::gaussian;
 use crate::{GenerateRequest, ImageGenerator, ModelInfo, Result, RgbImage, WorkerError};
-
-fn load_err(msg: String) -> WorkerError {
-    WorkerError::Load(msg)
-}
 
 // ------------------------------------------------------------------ folder
 
@@ -235,7 +231,7 @@ fn part_var_builder(
     Ok((vb, label))
 }
 
-fn weights_err(label: &str, e: candle_core::Error) -> WorkerError {
+pub(crate) fn weights_err(label: &str, e: candle_core::Error) -> WorkerError {
     load_err(format!(
         "{label}: {}; the weights do not fit the part's config.json (are they from the same checkpoint?)",
         plain(e)
@@ -494,24 +490,23 @@ impl ClipTextEncoder {
 
 // ------------------------------------------------------------------ pipeline
 
-/// A loaded SD 1.x/2.x / SD-Turbo pipeline.
-pub struct SdTurboPipeline {
-    tokenizer: PromptTokenizer,
-    text_encoder: ClipTextEncoder,
-    unet: UNet2DCondition,
-    vae: AutoEncoderKL,
-    scheduler: EulerDiscreteConfig,
-    scaling_factor: f64,
-    vae_scale_factor: usize,
-    latent_channels: usize,
-    device: Device,
-    fingerprint: String,
-    source: String,
-    /// The folder holds random test weights (see `has_random_weights`).
-    random_weights: bool,
+/// Defaults of a pipeline family's `vae/config.json` (diffusers' class
+/// defaults differ by family: SD 2.x 4 latent channels and 0.18215, SDXL
+/// 0.13025, SD 3.5 and FLUX 16 channels with a shift).
+pub(crate) struct VaeDefaults {
+    pub latent_channels: usize,
+    pub scaling_factor: f64,
+    /// `None`: the pipeline does not use a shift, so `shift_factor` is not read.
+    pub shift_factor: Option<f64>,
 }
 
-fn vae_config(c: &ConfigReader) -> Result<(AutoEncoderKLConfig, f64, usize)> {
+/// An AutoencoderKL's config: candle's config, `scaling_factor`,
+/// `shift_factor` (0 when the family has none) and the spatial factor
+/// (2^(blocks - 1)). Anything candle's VAE cannot compute is a named error.
+pub(crate) fn vae_config(
+    c: &ConfigReader,
+    defaults: VaeDefaults,
+) -> Result<(AutoEncoderKLConfig, f64, f64, usize)> {
     if let Some(class) = c.str("_class_name") {
         if class != "AutoencoderKL" {
             return Err(c.error(format!(
@@ -532,17 +527,20 @@ fn vae_config(c: &ConfigReader) -> Result<(AutoEncoderKLConfig, f64, usize)> {
         Value::Null => vec![64],
         other => return Err(c.error(format!("block_out_channels = {other} is not a list"))),
     };
-    let all = |key: &str, want: &str| -> Result<()> {
+    for (key, want) in [
+        ("down_block_types", "DownEncoderBlock2D"),
+        ("up_block_types", "UpDecoderBlock2D"),
+    ] {
         match &v[key] {
-            Value::Null => Ok(()),
-            Value::Array(a) if a.iter().all(|x| x.as_str() == Some(want)) => Ok(()),
-            other => Err(c.error(format!(
-                "{key} = {other}: only {want} blocks are implemented"
-            ))),
+            Value::Null => {}
+            Value::Array(a) if a.iter().all(|x| x.as_str() == Some(want)) => {}
+            other => {
+                return Err(c.error(format!(
+                    "{key} = {other}: only {want} blocks are implemented"
+                )))
+            }
         }
-    };
-    all("down_block_types", "DownEncoderBlock2D")?;
-    all("up_block_types", "UpDecoderBlock2D")?;
+    }
     if c.str("act_fn").is_some_and(|a| a != "silu") {
         return Err(c.error("act_fn other than silu is not supported".into()));
     }
@@ -554,7 +552,7 @@ fn vae_config(c: &ConfigReader) -> Result<(AutoEncoderKLConfig, f64, usize)> {
     }
     let cfg = AutoEncoderKLConfig {
         layers_per_block: c.usize("layers_per_block", 1)?,
-        latent_channels: c.usize("latent_channels", 4)?,
+        latent_channels: c.usize("latent_channels", defaults.latent_channels)?,
         norm_num_groups: c.usize("norm_num_groups", 32)?,
         use_quant_conv: c.bool("use_quant_conv", true)?,
         use_post_quant_conv: c.bool("use_post_quant_conv", true)?,
@@ -569,7 +567,33 @@ fn vae_config(c: &ConfigReader) -> Result<(AutoEncoderKLConfig, f64, usize)> {
             cfg.norm_num_groups
         )));
     }
-    Ok((cfg, c.f64("scaling_factor", 0.18215)?, 1 << (boc.len() - 1)))
+    let shift = match defaults.shift_factor {
+        Some(d) => c.f64("shift_factor", d)?,
+        None => 0.0,
+    };
+    Ok((
+        cfg,
+        c.f64("scaling_factor", defaults.scaling_factor)?,
+        shift,
+        1 << (boc.len() - 1),
+    ))
+}
+
+/// A loaded SD 1.x/2.x / SD-Turbo pipeline.
+pub struct SdTurboPipeline {
+    tokenizer: PromptTokenizer,
+    text_encoder: ClipTextEncoder,
+    unet: UNet2DCondition,
+    vae: AutoEncoderKL,
+    scheduler: EulerDiscreteConfig,
+    scaling_factor: f64,
+    vae_scale_factor: usize,
+    latent_channels: usize,
+    device: Device,
+    fingerprint: String,
+    source: String,
+    /// The folder holds random test weights (see `has_random_weights`).
+    random_weights: bool,
 }
 
 impl SdTurboPipeline {
@@ -610,7 +634,14 @@ impl SdTurboPipeline {
         let unet = UNet2DCondition::new(&ucfg, vb).map_err(|e| weights_err(&label, e))?;
 
         let vcfg_r = ConfigReader::read(&part("vae"), "config.json")?;
-        let (vcfg, scaling_factor, vae_scale_factor) = vae_config(&vcfg_r)?;
+        let (vcfg, scaling_factor, _, vae_scale_factor) = vae_config(
+            &vcfg_r,
+            VaeDefaults {
+                latent_channels: 4,
+                scaling_factor: 0.18215,
+                shift_factor: None,
+            },
+        )?;
         if vcfg.latent_channels != ucfg.in_channels || ucfg.in_channels != ucfg.out_channels {
             return Err(ucfg_r.error(format!(
                 "in_channels = {}, out_channels = {} but the VAE has latent_channels = {}",

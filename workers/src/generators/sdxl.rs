@@ -47,22 +47,21 @@ use std::path::Path;
 
 use candle_core::{DType, Device, IndexOp, Module, Tensor};
 use candle_nn::{embedding, layer_norm, linear_no_bias, Embedding, LayerNorm, Linear, VarBuilder};
-use candle_transformers::models::stable_diffusion::vae::{AutoEncoderKL, AutoEncoderKLConfig};
+use candle_transformers::models::stable_diffusion::vae::AutoEncoderKL;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
 use super::euler::{EulerDiscrete, EulerDiscreteConfig};
-use super::sd_turbo::{part_weight_files, resolve_pipeline, ClipTextConfig, PromptTokenizer};
+use super::sd_turbo::{
+    part_weight_files, resolve_pipeline, vae_config, weights_err, ClipTextConfig, PromptTokenizer,
+    VaeDefaults,
+};
 use super::unet::{UNet2DCondition, UNetConfig};
-use crate::encoders::hf::{plain, ConfigReader};
+use crate::encoders::hf::{load_err, plain, ConfigReader};
 use crate::encoders::layers::{causal_mask, EncoderLayer};
 use crate::generator::DiffusionSettings;
 use crate::seed::{derive_seed, gaussian};
 use crate::{GenerateRequest, ImageGenerator, ModelInfo, Result, RgbImage, WorkerError};
-
-fn load_err(msg: String) -> WorkerError {
-    WorkerError::Load(msg)
-}
 
 /// The sub-folders a diffusers SDXL pipeline needs.
 pub const PARTS: [&str; 7] = [
@@ -137,13 +136,6 @@ fn part_var_builder(
     let vb = unsafe { VarBuilder::from_mmaped_safetensors(&files, DType::F32, device) }
         .map_err(|e| load_err(format!("{label}: {}", plain(e))))?;
     Ok((vb, label))
-}
-
-fn weights_err(label: &str, e: candle_core::Error) -> WorkerError {
-    load_err(format!(
-        "{label}: {}; the weights do not fit the part's config.json (are they from the same checkpoint?)",
-        plain(e)
-    ))
 }
 
 // ------------------------------------------------------------------ text encoders
@@ -344,72 +336,6 @@ fn scheduler_config(c: &ConfigReader) -> Result<(EulerDiscreteConfig, bool)> {
 
 // ------------------------------------------------------------------ VAE
 
-fn vae_config(c: &ConfigReader) -> Result<(AutoEncoderKLConfig, f64, usize)> {
-    if let Some(class) = c.str("_class_name") {
-        if class != "AutoencoderKL" {
-            return Err(c.error(format!(
-                "_class_name = {class:?}: only AutoencoderKL is implemented"
-            )));
-        }
-    }
-    let v = c.value();
-    for key in ["latents_mean", "latents_std", "shift_factor"] {
-        if !v[key].is_null() {
-            return Err(c.error(format!("{key} is not supported (SDXL's VAE has none)")));
-        }
-    }
-    let boc: Vec<usize> = match &v["block_out_channels"] {
-        Value::Array(a) if !a.is_empty() => a
-            .iter()
-            .map(|x| {
-                x.as_u64()
-                    .map(|x| x as usize)
-                    .ok_or_else(|| c.error(format!("block_out_channels entry {x} is not a count")))
-            })
-            .collect::<Result<_>>()?,
-        Value::Null => vec![64],
-        other => return Err(c.error(format!("block_out_channels = {other} is not a list"))),
-    };
-    let all = |key: &str, want: &str| -> Result<()> {
-        match &v[key] {
-            Value::Null => Ok(()),
-            Value::Array(a) if a.iter().all(|x| x.as_str() == Some(want)) => Ok(()),
-            other => Err(c.error(format!(
-                "{key} = {other}: only {want} blocks are implemented"
-            ))),
-        }
-    };
-    all("down_block_types", "DownEncoderBlock2D")?;
-    all("up_block_types", "UpDecoderBlock2D")?;
-    if c.str("act_fn").is_some_and(|a| a != "silu") {
-        return Err(c.error("act_fn other than silu is not supported".into()));
-    }
-    if !c.bool("mid_block_add_attention", true)? {
-        return Err(c.error("mid_block_add_attention = false is not supported".into()));
-    }
-    if c.usize("in_channels", 3)? != 3 || c.usize("out_channels", 3)? != 3 {
-        return Err(c.error("in_channels and out_channels must be 3 (RGB)".into()));
-    }
-    let cfg = AutoEncoderKLConfig {
-        layers_per_block: c.usize("layers_per_block", 1)?,
-        latent_channels: c.usize("latent_channels", 4)?,
-        norm_num_groups: c.usize("norm_num_groups", 32)?,
-        use_quant_conv: c.bool("use_quant_conv", true)?,
-        use_post_quant_conv: c.bool("use_post_quant_conv", true)?,
-        block_out_channels: boc.clone(),
-    };
-    if let Some(b) = boc
-        .iter()
-        .find(|&&b| cfg.norm_num_groups == 0 || b % cfg.norm_num_groups != 0)
-    {
-        return Err(c.error(format!(
-            "{b} channels are not divisible into norm_num_groups = {}",
-            cfg.norm_num_groups
-        )));
-    }
-    Ok((cfg, c.f64("scaling_factor", 0.13025)?, 1 << (boc.len() - 1)))
-}
-
 // ------------------------------------------------------------------ pipeline
 
 /// Text conditioning of one prompt (or of the negative side).
@@ -519,7 +445,19 @@ impl SdxlPipeline {
         let unet = UNet2DCondition::new(&ucfg, vb).map_err(|e| weights_err(&label, e))?;
 
         let vcfg_r = ConfigReader::read(&part("vae"), "config.json")?;
-        let (vcfg, scaling_factor, vae_scale_factor) = vae_config(&vcfg_r)?;
+        for key in ["latents_mean", "latents_std", "shift_factor"] {
+            if !vcfg_r.value()[key].is_null() {
+                return Err(vcfg_r.error(format!("{key} is not supported (SDXL's VAE has none)")));
+            }
+        }
+        let (vcfg, scaling_factor, _, vae_scale_factor) = vae_config(
+            &vcfg_r,
+            VaeDefaults {
+                latent_channels: 4,
+                scaling_factor: 0.13025,
+                shift_factor: None,
+            },
+        )?;
         if vcfg.latent_channels != ucfg.in_channels || ucfg.in_channels != ucfg.out_channels {
             return Err(ucfg_r.error(format!(
                 "in_channels = {}, out_channels = {} but the VAE has latent_channels = {}",
