@@ -1217,44 +1217,27 @@ impl Gemma3Vlm {
         max_new_tokens: usize,
         seed: u64,
     ) -> Result<Vec<u32>> {
-        let mut out = Vec::new();
         if max_new_tokens == 0 {
-            return Ok(out);
+            return Ok(Vec::new());
         }
-        let mut logits = self.prefill(ids, pixel_values)?;
-        let mut context = ids.to_vec();
-        // transformers' order: repetition penalty, then temperature, top-k,
-        // top-p; the penalty is applied here so that top-k follows it
-        let penalty = self.sampling.repetition_penalty;
-        let mut sampler = Sampler::new(
-            &SamplingConfig {
-                repetition_penalty: 1.0,
-                ..self.sampling.clone()
-            },
-            seed,
-        );
-        let top_k = self.top_k.filter(|_| self.sampling.temperature > 0.0);
+        let logits = self.prefill(ids, pixel_values)?;
         let max_pos = self.model.cfg.text.max_position_embeddings;
-        loop {
-            if (penalty - 1.0).abs() > f32::EPSILON {
-                logits =
-                    candle_transformers::utils::apply_repeat_penalty(&logits, penalty, &context)?;
-            }
-            if let Some(k) = top_k {
-                logits = keep_top_k(&logits, k)?;
-            }
-            let token = sampler.sample(&logits, &context)?;
-            if self.stop_ids.contains(&token) {
-                break;
-            }
-            out.push(token);
-            context.push(token);
-            if out.len() >= max_new_tokens || self.model.text.seq_len() >= max_pos {
-                break;
-            }
-            logits = self.model.step(token)?;
-        }
-        Ok(out)
+        decode(
+            logits,
+            ids,
+            &self.sampling,
+            self.top_k,
+            &self.stop_ids,
+            max_new_tokens,
+            seed,
+            |token| {
+                Ok(if self.model.text.seq_len() >= max_pos {
+                    None
+                } else {
+                    Some(self.model.step(token)?)
+                })
+            },
+        )
     }
 
     fn generate_one(&mut self, req: &VlmRequest) -> Result<VlmOutput> {
@@ -1272,6 +1255,57 @@ impl Gemma3Vlm {
         let text = self.tokenizer.decode(&token_ids, true).map_err(tok_err)?;
         Ok(VlmOutput { text, token_ids })
     }
+}
+
+/// The decoding loop of the VLMs, from the prompt's logits: transformers'
+/// order (repetition penalty, then temperature, top-k, top-p; the penalty is
+/// applied here so that top-k follows it), stopping at a stop id, at
+/// `max_new_tokens`, or when `step` says the context is full (`None`).
+/// Returns the generated ids without the stop token.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn decode(
+    mut logits: Tensor,
+    prompt: &[u32],
+    sampling: &SamplingConfig,
+    top_k: Option<usize>,
+    stop_ids: &[u32],
+    max_new_tokens: usize,
+    seed: u64,
+    mut step: impl FnMut(u32) -> Result<Option<Tensor>>,
+) -> Result<Vec<u32>> {
+    let mut out = Vec::new();
+    let mut context = prompt.to_vec();
+    let penalty = sampling.repetition_penalty;
+    let mut sampler = Sampler::new(
+        &SamplingConfig {
+            repetition_penalty: 1.0,
+            ..sampling.clone()
+        },
+        seed,
+    );
+    let top_k = top_k.filter(|_| sampling.temperature > 0.0);
+    loop {
+        if (penalty - 1.0).abs() > f32::EPSILON {
+            logits = candle_transformers::utils::apply_repeat_penalty(&logits, penalty, &context)?;
+        }
+        if let Some(k) = top_k {
+            logits = keep_top_k(&logits, k)?;
+        }
+        let token = sampler.sample(&logits, &context)?;
+        if stop_ids.contains(&token) {
+            break;
+        }
+        out.push(token);
+        context.push(token);
+        if out.len() >= max_new_tokens {
+            break;
+        }
+        match step(token)? {
+            Some(next) => logits = next,
+            None => break,
+        }
+    }
+    Ok(out)
 }
 
 /// transformers' `TopKLogitsWarper`: logits below the k-th largest become

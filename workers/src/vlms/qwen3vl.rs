@@ -57,8 +57,7 @@ use crate::encoders::hf::{
 };
 use crate::encoders::layers::Act;
 use crate::encoders::pil_resize::{self, Filter};
-use crate::sampling::Sampler;
-use crate::vlms::gemma3::{id_list, keep_top_k, resolve_vlm};
+use crate::vlms::gemma3::{decode, id_list, resolve_vlm};
 use crate::{ModelInfo, Result, RgbImage, SamplingConfig, Vlm, VlmOutput, VlmRequest, WorkerError};
 
 // ------------------------------------------------------------------ config
@@ -1569,43 +1568,27 @@ impl Qwen3VlVlm {
         max_new_tokens: usize,
         seed: u64,
     ) -> Result<Vec<u32>> {
-        let mut out = Vec::new();
         if max_new_tokens == 0 {
-            return Ok(out);
+            return Ok(Vec::new());
         }
-        let mut logits = self.prefill(ids, pixels)?;
-        let mut context = ids.to_vec();
-        // transformers' order: repetition penalty, then temperature, top-k, top-p
-        let penalty = self.sampling.repetition_penalty;
-        let mut sampler = Sampler::new(
-            &SamplingConfig {
-                repetition_penalty: 1.0,
-                ..self.sampling.clone()
-            },
-            seed,
-        );
-        let top_k = self.top_k.filter(|_| self.sampling.temperature > 0.0);
+        let logits = self.prefill(ids, pixels)?;
         let max_pos = self.model.cfg.text.max_position_embeddings;
-        loop {
-            if (penalty - 1.0).abs() > f32::EPSILON {
-                logits =
-                    candle_transformers::utils::apply_repeat_penalty(&logits, penalty, &context)?;
-            }
-            if let Some(k) = top_k {
-                logits = keep_top_k(&logits, k)?;
-            }
-            let token = sampler.sample(&logits, &context)?;
-            if self.stop_ids.contains(&token) {
-                break;
-            }
-            out.push(token);
-            context.push(token);
-            if out.len() >= max_new_tokens || self.model.text.seq_len() >= max_pos {
-                break;
-            }
-            logits = self.model.step(token)?;
-        }
-        Ok(out)
+        decode(
+            logits,
+            ids,
+            &self.sampling,
+            self.top_k,
+            &self.stop_ids,
+            max_new_tokens,
+            seed,
+            |token| {
+                Ok(if self.model.text.seq_len() >= max_pos {
+                    None
+                } else {
+                    Some(self.model.step(token)?)
+                })
+            },
+        )
     }
 
     fn generate_one(&mut self, req: &VlmRequest) -> Result<VlmOutput> {
