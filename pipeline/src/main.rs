@@ -115,11 +115,7 @@ fn vlm(args: VlmArgs) -> anyhow::Result<()> {
     };
     let mut images = Vec::new();
     for path in &args.images {
-        let name = path.display().to_string();
-        let bytes = std::fs::read(path).map_err(|e| anyhow::anyhow!("cannot read {name}: {e}"))?;
-        images.push(std::sync::Arc::new(mirgen_workers::image_io::decode_rgb(
-            &name, &bytes,
-        )?));
+        images.push(std::sync::Arc::new(read_image(path)?));
     }
     let mut model = mirgen_workers::vlms::load_vlm(&args.model, sampling, &device)?;
     let info = model.info();
@@ -277,6 +273,13 @@ struct EmbedArgs {
     device: String,
 }
 
+/// Reads and decodes an image file named on the command line.
+fn read_image(path: &std::path::Path) -> anyhow::Result<mirgen_workers::RgbImage> {
+    let name = path.display().to_string();
+    let bytes = std::fs::read(path).map_err(|e| anyhow::anyhow!("cannot read {name}: {e}"))?;
+    Ok(mirgen_workers::image_io::decode_rgb(&name, &bytes)?)
+}
+
 fn embed(args: EmbedArgs) -> anyhow::Result<()> {
     use std::io::Write;
     if args.images.is_empty() && args.texts.is_empty() {
@@ -331,14 +334,11 @@ fn embed(args: EmbedArgs) -> anyhow::Result<()> {
         };
     for path in &args.images {
         let name = path.display().to_string();
-        let result = std::fs::read(path)
-            .map_err(|e| anyhow::anyhow!("cannot read {name}: {e}"))
-            .and_then(|bytes| Ok(mirgen_workers::image_io::decode_rgb(&name, &bytes)?))
-            .and_then(|img| {
-                let mut v = model.embed_images(&[&img])?;
-                v.pop()
-                    .ok_or_else(|| anyhow::anyhow!("the encoder returned no embedding"))
-            });
+        let result = read_image(path).and_then(|img| {
+            let mut v = model.embed_images(&[&img])?;
+            v.pop()
+                .ok_or_else(|| anyhow::anyhow!("the encoder returned no embedding"))
+        });
         emit(&name, "image", result)?;
     }
     for text in &args.texts {
