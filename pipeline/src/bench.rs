@@ -48,6 +48,9 @@ pub struct BenchReport {
     pub rounds_per_target: usize,
     pub target_rounds: usize,
     pub workers: usize,
+    /// CPU kernel threads of each dataflow worker and of the sequential loop
+    /// (the process's cores split between the workers; `RAYON_NUM_THREADS`).
+    pub kernel_threads: usize,
     /// Sequential loop: wall seconds (models built beforehand).
     pub sequential_s: f64,
     pub sequential_rounds_per_s: f64,
@@ -154,6 +157,7 @@ pub fn run(cfg: LoadedConfig, opts: BenchOptions) -> Result<BenchReport, Pipelin
     // models and the corpus index, shared by both runs
     let (device, _) = mirgen_workers::device::select(&opts.device, 0);
     let mut models = Models::build(&cfg.config, &device)?;
+    let models_kernel_threads = models.kernels.threads();
     let smoke_test = cfg.smoke_test();
     eprintln!(
         "mirgen bench: {} targets x {} rounds; sequential loop, then the dataflow with {} workers{}",
@@ -282,6 +286,7 @@ pub fn run(cfg: LoadedConfig, opts: BenchOptions) -> Result<BenchReport, Pipelin
         rounds_per_target,
         target_rounds,
         workers: opts.workers,
+        kernel_threads: models_kernel_threads,
         sequential_s,
         sequential_rounds_per_s,
         sequential_model_share: model_seconds(&seq_seconds) / sequential_s,

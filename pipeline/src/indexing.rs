@@ -81,27 +81,33 @@ pub fn ensure_index(
                 let key = &key;
                 let g = cluster.process * workers + i;
                 s.spawn(move || -> Result<(), PipelineError> {
-                    let mut embedder = match embedder {
-                        Some(e) => e,
-                        None => {
-                            let (device, line) = mirgen_workers::device::select(&cluster.device, i);
-                            eprintln!("indexing {line}");
-                            build_embedder(cfg, &device)?
-                        }
-                    };
-                    let mut last = 0;
-                    runtime.block_on(build_chunks(
-                        cache,
-                        key,
-                        corpus,
-                        embedder.as_mut(),
-                        batch,
-                        &|c| c % global == g,
-                        |done, _| {
-                            bar.inc(done - last, "indexing corpus");
-                            last = done;
-                        },
-                    ))
+                    // each indexing thread embeds on its own kernel threads
+                    let kernels =
+                        mirgen_workers::kernels::KernelPool::for_worker(&format!("index{i}"));
+                    kernels.run(|| {
+                        let mut embedder = match embedder {
+                            Some(e) => e,
+                            None => {
+                                let (device, line) =
+                                    mirgen_workers::device::select(&cluster.device, i);
+                                eprintln!("indexing {line}");
+                                build_embedder(cfg, &device)?
+                            }
+                        };
+                        let mut last = 0;
+                        runtime.block_on(build_chunks(
+                            cache,
+                            key,
+                            corpus,
+                            embedder.as_mut(),
+                            batch,
+                            &|c| c % global == g,
+                            |done, _| {
+                                bar.inc(done - last, "indexing corpus");
+                                last = done;
+                            },
+                        ))
+                    })
                 })
             })
             .collect();

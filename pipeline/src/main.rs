@@ -491,14 +491,16 @@ fn bench(args: BenchArgs) -> anyhow::Result<()> {
         }
     );
     println!(
-        "sequential (batch 1, no overlap): {:.1} s, {:.2} target-rounds/s, model calls {:.0}% of wall",
+        "sequential (batch 1, no overlap, {} kernel threads): {:.1} s, {:.2} target-rounds/s, model calls {:.0}% of wall",
+        r.kernel_threads,
         r.sequential_s,
         r.sequential_rounds_per_s,
         100.0 * r.sequential_model_share
     );
     println!(
-        "dataflow ({} workers):            {:.1} s, {:.2} target-rounds/s, model calls {:.0}% of worker time",
+        "dataflow ({} workers x {} kernel threads): {:.1} s, {:.2} target-rounds/s, model calls {:.0}% of worker time",
         r.workers,
+        r.kernel_threads,
         r.dataflow_s,
         r.dataflow_rounds_per_s,
         100.0 * r.model_share
@@ -923,6 +925,18 @@ const PEER_LOST_EXIT_CODE: i32 = 3;
 fn main() -> ExitCode {
     install_peer_loss_hook();
     let cli = Cli::parse();
+    // Split the cores between this process's workers before any thread starts
+    // (candle reads the thread count from the environment).
+    let workers = match &cli.command {
+        Command::Run(a) => Some(a.workers),
+        Command::Bench(a) => Some(a.workers),
+        Command::Index(a) => Some(a.workers),
+        _ => None,
+    };
+    if let Some(w) = workers {
+        let (_, line) = mirgen_workers::kernels::plan_threads(w);
+        eprintln!("{line}");
+    }
     let result = match cli.command {
         Command::Run(args) => run(args),
         Command::Eval(args) => eval(args),

@@ -28,6 +28,8 @@ use mirgen_workers::{
     Embedder, GenerateRequest, ImageGenerator, QueryWriter, RgbImage, WorkerError,
 };
 
+use mirgen_workers::kernels::KernelPool;
+
 use crate::config::{Config, Mode};
 use crate::index::{CorpusIndex, SearchResult};
 use crate::store::Location;
@@ -38,6 +40,8 @@ pub struct Models {
     pub writer: QueryWriter,
     pub generator: Box<dyn ImageGenerator>,
     pub embedder: Box<dyn Embedder>,
+    /// The kernel threads this worker's model calls run on.
+    pub kernels: KernelPool,
 }
 
 impl Models {
@@ -84,6 +88,7 @@ impl Models {
             },
             generator,
             embedder: build_embedder(cfg, device)?,
+            kernels: KernelPool::for_worker("mirgen"),
         })
     }
 
@@ -146,12 +151,18 @@ struct Item {
 type Embedded = (usize, Option<Arc<RgbImage>>, Result<Vec<f32>, String>);
 
 /// A batched model call.
-type BatchCall<'a, Q, O> = dyn FnMut(&[Q]) -> Result<Vec<O>, WorkerError> + 'a;
+type BatchCall<'a, Q, O> = dyn FnMut(&[Q]) -> Result<Vec<O>, WorkerError> + Send + 'a;
 
-fn call_isolated<Q: Clone, O>(
+/// Runs `call` on the worker's own kernel threads ([`KernelPool`]).
+fn call_isolated<Q: Clone + Sync, O: Send>(
+    kernels: &KernelPool,
     requests: &[Q],
     call: &mut BatchCall<'_, Q, O>,
 ) -> Vec<Result<O, String>> {
+    kernels.run(|| isolated(requests, call))
+}
+
+fn isolated<Q: Clone, O>(requests: &[Q], call: &mut BatchCall<'_, Q, O>) -> Vec<Result<O, String>> {
     let mut guarded = |reqs: &[Q]| -> Result<Vec<O>, String> {
         match catch_unwind(AssertUnwindSafe(|| call(reqs))) {
             Ok(Ok(out)) if out.len() == reqs.len() => Ok(out),
@@ -328,7 +339,7 @@ impl Wave {
                 .map(|&i| wave.items[i].id.clone())
                 .collect::<Vec<_>>(),
         );
-        let out = call_isolated(&reqs, &mut |b| models.writer.run(b));
+        let out = call_isolated(&models.kernels, &reqs, &mut |b| models.writer.run(b));
         wave.seconds.vlm += t.elapsed().as_secs_f64();
         let per = t.elapsed().as_secs_f32() * 1000.0 / idx.len().max(1) as f32;
         for (&i, o) in idx.iter().zip(out) {
@@ -383,7 +394,9 @@ impl Wave {
                     })
                     .collect();
                 ctx.heartbeats.enter(self.worker, "generate", &self.ids);
-                let out = call_isolated(&reqs, &mut |b| models.generator.generate(b));
+                let out = call_isolated(&models.kernels, &reqs, &mut |b| {
+                    models.generator.generate(b)
+                });
                 self.seconds.generate += t.elapsed().as_secs_f64();
                 gen_ms = t.elapsed().as_secs_f32() * 1000.0 / idx.len().max(1) as f32;
                 let mut drawn: Vec<(usize, Arc<RgbImage>)> = Vec::new();
@@ -398,7 +411,9 @@ impl Wave {
                 }
                 let images: Vec<&RgbImage> = drawn.iter().map(|(_, img)| img.as_ref()).collect();
                 ctx.heartbeats.enter(self.worker, "embed", &self.ids);
-                let out = call_isolated(&images, &mut |b| models.embedder.embed_images(b));
+                let out = call_isolated(&models.kernels, &images, &mut |b| {
+                    models.embedder.embed_images(b)
+                });
                 embedded = drawn
                     .into_iter()
                     .zip(out)
@@ -412,7 +427,9 @@ impl Wave {
                     .map(|&i| self.items[i].query.clone().unwrap_or_default())
                     .collect();
                 ctx.heartbeats.enter(self.worker, "embed", &self.ids);
-                let out = call_isolated(&texts, &mut |b| models.embedder.embed_texts(b));
+                let out = call_isolated(&models.kernels, &texts, &mut |b| {
+                    models.embedder.embed_texts(b)
+                });
                 embedded = idx
                     .iter()
                     .copied()
@@ -579,7 +596,7 @@ impl Wave {
                     .collect::<Vec<_>>(),
             ),
         };
-        let out = call_isolated(&reqs, &mut |b| models.writer.run(b));
+        let out = call_isolated(&models.kernels, &reqs, &mut |b| models.writer.run(b));
         let mut to_refine = Vec::new();
         for ((i, _), o) in synthetic.iter().zip(out) {
             match o {
@@ -600,7 +617,7 @@ impl Wave {
             .collect();
         let reqs = models.writer.refine_requests(&refine);
         ctx.heartbeats.enter(self.worker, "refine", &self.ids);
-        let out = call_isolated(&reqs, &mut |b| models.writer.run(b));
+        let out = call_isolated(&models.kernels, &reqs, &mut |b| models.writer.run(b));
         self.seconds.vlm += t.elapsed().as_secs_f64();
         let per = t.elapsed().as_secs_f32() * 1000.0 / synthetic.len().max(1) as f32;
         for ((i, fb), o) in to_refine.into_iter().zip(out) {
@@ -675,7 +692,8 @@ mod tests {
     #[test]
     fn isolation_keeps_good_items_when_one_fails() {
         let reqs = vec![1, 2, 3];
-        let out = call_isolated(&reqs, &mut |b: &[i32]| {
+        let kernels = KernelPool::with_threads("test", 1);
+        let out = call_isolated(&kernels, &reqs, &mut |b: &[i32]| {
             if b.contains(&2) && b.len() > 1 {
                 return Err(WorkerError::Invalid("batch with 2".into()));
             }

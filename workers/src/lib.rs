@@ -19,6 +19,7 @@ pub mod encoders;
 pub mod generator;
 pub mod generators;
 pub mod image_io;
+pub mod kernels;
 pub mod preprocess;
 pub mod roles;
 pub mod sampling;
