@@ -4,8 +4,9 @@
 //! targets ──antijoin(committed)──> pending ──exchange(hash(target id))──> mir_rounds (per worker)
 //! ```
 //! `mir_rounds` keeps the targets routed to its worker and processes them in
-//! waves of `batch.window` (every stage batched over the wave), commits each
-//! wave to the object store, then re-activates itself for the next wave. The
+//! waves of `batch.window` (every stage batched over the wave), hands each
+//! finished wave to its commit thread (Parquet write and upload overlap the
+//! next wave's model calls), then re-activates itself for the next wave. The
 //! control plane (which targets are still to do) is a differential
 //! antijoin; model payloads never enter differential operators.
 //!
@@ -23,9 +24,11 @@
 //! shards' top-K (ties by corpus position) and sums their "rows above the
 //! target" counts, which gives exactly the replicated index's answer.
 
+use std::cell::RefCell;
 use std::collections::BTreeMap;
 use std::hash::{Hash, Hasher};
 use std::rc::Rc;
+use std::sync::mpsc::{sync_channel, SyncSender};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -180,7 +183,10 @@ impl JobShared {
         self.errors.lock().expect("lock").push(message);
     }
 
-    /// Commits a finished wave's rows (create-if-absent commit record) and counts it.
+    /// Commits a finished wave's rows (create-if-absent commit record) and
+    /// counts it. Runs on the worker's commit thread, which reports no
+    /// heartbeat: the watchdog watches model calls, and storage calls have
+    /// object_store's timeouts and the retries below.
     fn commit_wave(
         &self,
         worker: usize,
@@ -190,8 +196,6 @@ impl JobShared {
         let t = Instant::now();
         let targets: std::collections::BTreeSet<&str> =
             records.iter().map(|r| r.target_id.as_str()).collect();
-        let ids: Vec<String> = targets.iter().map(|t| t.to_string()).collect();
-        self.ctx.heartbeats.enter(worker, "commit", &ids);
         // storage hiccups (a restarting S3 endpoint, throttling) get retried
         // with backoff on top of object_store's own retries
         let mut attempt = 0;
@@ -212,7 +216,6 @@ impl JobShared {
                 r => break r,
             }
         };
-        self.ctx.heartbeats.idle(worker);
         stats.commit_seconds += t.elapsed().as_secs_f64();
         stats.finished_s = self.started.elapsed().as_secs_f64();
         match committed {
@@ -230,6 +233,85 @@ impl JobShared {
                 "worker {worker}: could not commit {} targets ({e}); rerun the same command to retry them",
                 targets.len()
             )),
+        }
+    }
+}
+
+impl WorkerStats {
+    /// Adds what a commit thread counted.
+    fn add_commits(&mut self, c: &WorkerStats) {
+        self.waves += c.waves;
+        self.targets += c.targets;
+        self.rows += c.rows;
+        self.failed_rows += c.failed_rows;
+        self.commit_seconds += c.commit_seconds;
+        self.finished_s = self.finished_s.max(c.finished_s);
+    }
+}
+
+/// Commits a worker's finished waves on a thread of its own, so the worker's
+/// models start the next wave while the last one's rows are encoded and
+/// written (an upload to object storage can take longer than a round). At
+/// most one finished wave waits while another is written, which bounds
+/// memory; [`Committer::finish`] waits for both. If the thread cannot start
+/// or dies, waves are committed on the worker's thread instead.
+struct Committer {
+    worker: usize,
+    shared: Arc<JobShared>,
+    queue: RefCell<Option<SyncSender<Vec<mirgen_schemas::Record>>>>,
+    thread: RefCell<Option<std::thread::JoinHandle<WorkerStats>>>,
+}
+
+impl Committer {
+    fn start(shared: Arc<JobShared>, worker: usize) -> Self {
+        let (tx, rx) = sync_channel::<Vec<mirgen_schemas::Record>>(1);
+        let job = shared.clone();
+        let thread = std::thread::Builder::new()
+            .name(format!("commit-{worker}"))
+            .spawn(move || {
+                let mut counted = WorkerStats::default();
+                for records in rx {
+                    job.commit_wave(worker, &records, &mut counted);
+                }
+                counted
+            });
+        let (queue, thread) = match thread {
+            Ok(handle) => (Some(tx), Some(handle)),
+            Err(e) => {
+                eprintln!("worker {worker}: WARNING cannot start a commit thread ({e}); committing on the worker thread");
+                (None, None)
+            }
+        };
+        Committer {
+            worker,
+            shared,
+            queue: RefCell::new(queue),
+            thread: RefCell::new(thread),
+        }
+    }
+
+    /// Hands a finished wave over; blocks while another wave already waits.
+    fn commit(&self, records: Vec<mirgen_schemas::Record>, stats: &mut WorkerStats) {
+        let unsent = match self.queue.borrow().as_ref() {
+            Some(queue) => queue.send(records).err().map(|e| e.0),
+            None => Some(records),
+        };
+        if let Some(records) = unsent {
+            self.shared.commit_wave(self.worker, &records, stats);
+        }
+    }
+
+    /// Waits until every handed-over wave is committed and adds the counts to `stats`.
+    fn finish(&self, stats: &mut WorkerStats) {
+        drop(self.queue.borrow_mut().take());
+        if let Some(handle) = self.thread.borrow_mut().take() {
+            match handle.join() {
+                Ok(counted) => stats.add_commits(&counted),
+                Err(_) => self.shared.error(format!(
+                    "worker {}: its commit thread panicked; rerun the same command to redo the targets it did not commit",
+                    self.worker
+                )),
+            }
         }
     }
 }
@@ -300,6 +382,8 @@ pub fn run(shared: Arc<JobShared>, timely_args: Vec<String>) -> Result<(), Strin
             }
         };
         stats.ready_s = shared.started.elapsed().as_secs_f64();
+        let committer = Rc::new(Committer::start(shared.clone(), index));
+        let op_committer = committer.clone();
         let window = shared.ctx.config.batch.window;
         let max_waves = shared.ctx.config.batch.waves_in_flight.max(1);
         let top_k = shared.ctx.config.run.top_k;
@@ -344,7 +428,7 @@ pub fn run(shared: Arc<JobShared>, timely_args: Vec<String>) -> Result<(), Strin
                                         let (records, seconds) = run_wave(models, &shared.ctx, index, ix, &wave);
                                         let mut st = op_stats.borrow_mut();
                                         st.seconds.add(&seconds);
-                                        shared.commit_wave(index, &records, &mut st);
+                                        op_committer.commit(records, &mut st);
                                     }
                                     _ => shared.error(format!(
                                         "worker {index}: skipped {} targets (no models)",
@@ -450,7 +534,7 @@ pub fn run(shared: Arc<JobShared>, timely_args: Vec<String>) -> Result<(), Strin
                                     let records = wave.into_records();
                                     let mut st = op_stats.borrow_mut();
                                     st.seconds.add(&seconds);
-                                    shared.commit_wave(index, &records, &mut st);
+                                    op_committer.commit(records, &mut st);
                                 } else if let Some(c) = cap.as_ref() {
                                     let mut session = output.session(c);
                                     let mut slots = 0;
@@ -531,6 +615,7 @@ pub fn run(shared: Arc<JobShared>, timely_args: Vec<String>) -> Result<(), Strin
             worker.step_or_park(None);
         }
         let mut st = stats.borrow().clone();
+        committer.finish(&mut st);
         st.wall_seconds = started.elapsed().as_secs_f64();
         shared.worker_stats.lock().expect("lock").push(st);
     })?;
