@@ -1028,6 +1028,7 @@ fn bench_compares_the_sequential_loop_and_the_dataflow_on_identical_records() {
             targets: Some(4),
             work_dir: Some(tmp.path().join("bench")),
             device: "cpu".into(),
+            plan_kernel_threads: false,
         },
     )
     .unwrap();

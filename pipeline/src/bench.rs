@@ -39,6 +39,11 @@ pub struct BenchOptions {
     /// Scratch folder for both outputs (a temporary folder by default).
     pub work_dir: Option<std::path::PathBuf>,
     pub device: String,
+    /// Give the sequential loop all cores and each dataflow worker its
+    /// share, switching `RAYON_NUM_THREADS` between the phases (the CLI
+    /// does; leave it false where other threads may read the environment
+    /// through libc, as in a test harness).
+    pub plan_kernel_threads: bool,
 }
 
 /// What `mirgen bench --json` prints.
@@ -48,8 +53,11 @@ pub struct BenchReport {
     pub rounds_per_target: usize,
     pub target_rounds: usize,
     pub workers: usize,
-    /// CPU kernel threads of each dataflow worker and of the sequential loop
-    /// (the process's cores split between the workers; `RAYON_NUM_THREADS`).
+    /// CPU kernel threads of the sequential loop (all cores, or
+    /// `RAYON_NUM_THREADS`).
+    pub sequential_kernel_threads: usize,
+    /// CPU kernel threads of each dataflow worker (the cores split between
+    /// the workers, or `RAYON_NUM_THREADS`).
     pub kernel_threads: usize,
     /// Sequential loop: wall seconds (models built beforehand).
     pub sequential_s: f64,
@@ -107,6 +115,19 @@ fn sorted_without_timings(rows: &[Record]) -> Vec<Record> {
 }
 
 pub fn run(cfg: LoadedConfig, opts: BenchOptions) -> Result<BenchReport, PipelineError> {
+    let plan_threads = |workers: usize| {
+        if opts.plan_kernel_threads {
+            let (_, line) = mirgen_workers::kernels::plan_threads(workers);
+            eprintln!("{line}");
+        }
+    };
+    // before any thread starts: the sequential loop is one model replica on
+    // all cores; candle's element-wise pool is sized once per process, so it
+    // stays off for both phases (the dataflow's workers would queue on it)
+    if opts.plan_kernel_threads {
+        mirgen_workers::kernels::private_elementwise();
+    }
+    plan_threads(1);
     let runtime = Arc::new(
         tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
@@ -157,7 +178,7 @@ pub fn run(cfg: LoadedConfig, opts: BenchOptions) -> Result<BenchReport, Pipelin
     // models and the corpus index, shared by both runs
     let (device, _) = mirgen_workers::device::select(&opts.device, 0);
     let mut models = Models::build(&cfg.config, &device)?;
-    let models_kernel_threads = models.kernels.threads();
+    let sequential_kernel_threads = models.kernels.threads();
     let smoke_test = cfg.smoke_test();
     eprintln!(
         "mirgen bench: {} targets x {} rounds; sequential loop, then the dataflow with {} workers{}",
@@ -216,7 +237,10 @@ pub fn run(cfg: LoadedConfig, opts: BenchOptions) -> Result<BenchReport, Pipelin
     progress.finish();
     drop(models);
 
-    // 2. the dataflow
+    // 2. the dataflow: the cores split between the workers (the runtime's
+    // threads are idle now, and the environment is only read through std)
+    plan_threads(opts.workers);
+    let kernel_threads = candle_core::utils::get_num_threads();
     let shared = Arc::new(JobShared {
         ctx: ctx(),
         output,
@@ -286,7 +310,8 @@ pub fn run(cfg: LoadedConfig, opts: BenchOptions) -> Result<BenchReport, Pipelin
         rounds_per_target,
         target_rounds,
         workers: opts.workers,
-        kernel_threads: models_kernel_threads,
+        sequential_kernel_threads,
+        kernel_threads,
         sequential_s,
         sequential_rounds_per_s,
         sequential_model_share: model_seconds(&seq_seconds) / sequential_s,

@@ -473,6 +473,7 @@ fn bench(args: BenchArgs) -> anyhow::Result<()> {
             targets: args.targets,
             work_dir: args.work_dir,
             device: args.device,
+            plan_kernel_threads: true,
         },
     )?;
     if args.json {
@@ -491,8 +492,8 @@ fn bench(args: BenchArgs) -> anyhow::Result<()> {
         }
     );
     println!(
-        "sequential (batch 1, no overlap, {} kernel threads): {:.1} s, {:.2} target-rounds/s, model calls {:.0}% of wall",
-        r.kernel_threads,
+        "sequential (batch 1, no overlap, {} kernel threads):  {:.1} s, {:.2} target-rounds/s, model calls {:.0}% of wall",
+        r.sequential_kernel_threads,
         r.sequential_s,
         r.sequential_rounds_per_s,
         100.0 * r.sequential_model_share
@@ -926,10 +927,10 @@ fn main() -> ExitCode {
     install_peer_loss_hook();
     let cli = Cli::parse();
     // Split the cores between this process's workers before any thread starts
-    // (candle reads the thread count from the environment).
+    // (candle reads the thread count from the environment; `bench` plans its
+    // two phases itself).
     let workers = match &cli.command {
         Command::Run(a) => Some(a.workers),
-        Command::Bench(a) => Some(a.workers),
         Command::Index(a) => Some(a.workers),
         _ => None,
     };

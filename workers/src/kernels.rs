@@ -10,41 +10,71 @@
 //! ([`plan_threads`]). Results do not depend on the thread count: candle's
 //! kernels split work over rows and channels, never inside a sum.
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 /// The environment variable candle (and rayon) read for the thread count.
 pub const THREADS_VAR: &str = "RAYON_NUM_THREADS";
 
+/// Threads of candle's element-wise pool (default: `RAYON_NUM_THREADS`).
+pub const ELEMENTWISE_VAR: &str = "CANDLE_NUM_THREADS";
+
 /// Kernel threads for each of `workers` workers in this process: the
 /// process's cores split evenly (at least 1), or `RAYON_NUM_THREADS` when the
 /// user set it. Sets `RAYON_NUM_THREADS` so candle sizes its gemm calls to
-/// match, so call it at startup, before any thread exists (the variable is
-/// process-wide). Returns the thread count and a line for the log.
+/// match (the variable is process-wide and candle reads it at every call), so
+/// call it only while no other thread touches the environment except
+/// through `std::env`: at startup, or between phases when the process's
+/// other threads are idle (`mirgen bench`). Returns the thread count and a
+/// line for the log.
 pub fn plan_threads(workers: usize) -> (usize, String) {
     let cores = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(1);
-    let set = std::env::var(THREADS_VAR).ok();
-    let n = threads_per_worker(workers, cores, set.as_deref());
-    let line = if n == user_threads(set.as_deref()).unwrap_or(0) {
+    let user = user_setting();
+    let n = threads_per_worker(workers, cores, user);
+    let line = if user.is_some() {
         format!("kernel threads: {n} per worker ({THREADS_VAR}={n}; {workers} workers on {cores} cores)")
     } else {
-        // Safe here: called before the process starts any other thread.
         std::env::set_var(THREADS_VAR, n.to_string());
         format!("kernel threads: {n} per worker ({workers} workers on {cores} cores; set {THREADS_VAR} to override)")
     };
+    if workers > 1 {
+        private_elementwise();
+    }
     (n, line)
 }
 
-fn user_threads(set: Option<&str>) -> Option<usize> {
+/// Makes candle run large element-wise ops on the calling thread. Its pool
+/// for them is process-wide, sized once at first use, and takes one call at
+/// a time, so several workers queue on it: 2 workers went from 8.2 s to
+/// 11.9 s in `mirgen bench` when it had a thread. The tiny models' sequential
+/// loop ran as fast without it (docs/perf.md). `CANDLE_NUM_THREADS` set by
+/// the user wins. Same rules as [`plan_threads`] for when to call it.
+pub fn private_elementwise() {
+    static DONE: OnceLock<()> = OnceLock::new();
+    DONE.get_or_init(|| {
+        if std::env::var_os(ELEMENTWISE_VAR).is_none() {
+            std::env::set_var(ELEMENTWISE_VAR, "1");
+        }
+    });
+}
+
+/// The user's `RAYON_NUM_THREADS` as it was when mirgen first looked (later
+/// values are mirgen's own).
+fn user_setting() -> Option<usize> {
+    static USER: OnceLock<Option<usize>> = OnceLock::new();
+    *USER.get_or_init(|| parse_threads(std::env::var(THREADS_VAR).ok().as_deref()))
+}
+
+fn parse_threads(set: Option<&str>) -> Option<usize> {
     set.and_then(|v| v.trim().parse::<usize>().ok())
         .filter(|&n| n > 0)
 }
 
-/// The user's `RAYON_NUM_THREADS` if valid, else the cores split evenly
-/// between the workers (at least one each).
-pub fn threads_per_worker(workers: usize, cores: usize, set: Option<&str>) -> usize {
-    user_threads(set).unwrap_or_else(|| (cores / workers.max(1)).max(1))
+/// The user's thread count if given, else the cores split evenly between
+/// the workers (at least one each).
+pub fn threads_per_worker(workers: usize, cores: usize, user: Option<usize>) -> usize {
+    user.unwrap_or_else(|| (cores / workers.max(1)).max(1))
 }
 
 /// The kernel threads a worker's model calls run on.
@@ -120,8 +150,10 @@ mod tests {
         assert_eq!(threads_per_worker(4, 16, None), 4);
         assert_eq!(threads_per_worker(3, 2, None), 1, "at least one thread");
         assert_eq!(threads_per_worker(0, 8, None), 8);
-        assert_eq!(threads_per_worker(2, 16, Some("3")), 3);
-        assert_eq!(threads_per_worker(2, 16, Some("0")), 8, "0 is not a count");
-        assert_eq!(threads_per_worker(2, 16, Some("many")), 8);
+        assert_eq!(threads_per_worker(2, 16, Some(3)), 3);
+        assert_eq!(parse_threads(Some(" 3")), Some(3));
+        assert_eq!(parse_threads(Some("0")), None, "0 is not a count");
+        assert_eq!(parse_threads(Some("many")), None);
+        assert_eq!(parse_threads(None), None);
     }
 }
