@@ -199,11 +199,12 @@ pub fn run(cfg: LoadedConfig, opts: BenchOptions) -> Result<BenchReport, Pipelin
         |_, _| {},
     ))?;
     let index = Arc::new(index);
-    let ctx = || WaveContext {
+    let ctx = |overlap_encode| WaveContext {
         config: cfg.config.clone(),
         corpus_root: corpus.root.clone(),
         index: Some(index.clone()),
         runtime: runtime.clone(),
+        overlap_encode,
         heartbeats: Arc::new(Heartbeats::default()),
         stalls: StallHistory::default(),
     };
@@ -211,7 +212,7 @@ pub fn run(cfg: LoadedConfig, opts: BenchOptions) -> Result<BenchReport, Pipelin
     let target_rounds = targets.len() * rounds_per_target;
 
     // 1. sequential: one target at a time, batch 1, no overlap
-    let seq_ctx = ctx();
+    let seq_ctx = ctx(false);
     let progress = Progress::new(
         ProgressMode::Auto,
         "sequential loop",
@@ -229,6 +230,8 @@ pub fn run(cfg: LoadedConfig, opts: BenchOptions) -> Result<BenchReport, Pipelin
             &index,
             std::slice::from_ref(target),
         );
+        // encoded in place (overlap_encode is off): nothing to wait for
+        let (rows, _) = rows.finish(&runtime);
         seq_rows.extend(rows);
         seq_seconds.add(&seconds);
         progress.inc(1, "targets");
@@ -242,7 +245,7 @@ pub fn run(cfg: LoadedConfig, opts: BenchOptions) -> Result<BenchReport, Pipelin
     plan_threads(opts.workers);
     let kernel_threads = candle_core::utils::get_num_threads();
     let shared = Arc::new(JobShared {
-        ctx: ctx(),
+        ctx: ctx(true),
         output,
         config_hash: hash.clone(),
         targets: targets.clone(),

@@ -40,7 +40,7 @@ use timely::dataflow::operators::{ConnectLoop, Feedback, Probe};
 use crate::commit::Output;
 use crate::index::{merge_shard_hits, IndexShard, RowQuery, ShardHits};
 use crate::progress::Progress;
-use crate::rounds::{run_wave, Models, StageSeconds, Wave, WaveContext};
+use crate::rounds::{run_wave, Models, StageSeconds, Wave, WaveContext, WaveRows};
 use crate::store::Location;
 
 /// Extra attempts at committing a wave after a storage error.
@@ -183,6 +183,13 @@ impl JobShared {
         self.errors.lock().expect("lock").push(message);
     }
 
+    /// Waits for a wave's encodes, then commits it.
+    fn finish_and_commit(&self, worker: usize, rows: WaveRows, stats: &mut WorkerStats) {
+        let (records, encode_seconds) = rows.finish(&self.ctx.runtime);
+        stats.seconds.encode += encode_seconds;
+        self.commit_wave(worker, &records, stats);
+    }
+
     /// Commits a finished wave's rows (create-if-absent commit record) and
     /// counts it. Runs on the worker's commit thread, which reports no
     /// heartbeat: the watchdog watches model calls, and storage calls have
@@ -245,33 +252,34 @@ impl WorkerStats {
         self.rows += c.rows;
         self.failed_rows += c.failed_rows;
         self.commit_seconds += c.commit_seconds;
+        self.seconds.encode += c.seconds.encode;
         self.finished_s = self.finished_s.max(c.finished_s);
     }
 }
 
 /// Commits a worker's finished waves on a thread of its own, so the worker's
-/// models start the next wave while the last one's rows are encoded and
-/// written (an upload to object storage can take longer than a round). At
+/// models start the next wave while the last one's drawings are encoded and
+/// its rows written (an upload to object storage can take longer than a round). At
 /// most one finished wave waits while another is written, which bounds
 /// memory; [`Committer::finish`] waits for both. If the thread cannot start
 /// or dies, waves are committed on the worker's thread instead.
 struct Committer {
     worker: usize,
     shared: Arc<JobShared>,
-    queue: RefCell<Option<SyncSender<Vec<mirgen_schemas::Record>>>>,
+    queue: RefCell<Option<SyncSender<WaveRows>>>,
     thread: RefCell<Option<std::thread::JoinHandle<WorkerStats>>>,
 }
 
 impl Committer {
     fn start(shared: Arc<JobShared>, worker: usize) -> Self {
-        let (tx, rx) = sync_channel::<Vec<mirgen_schemas::Record>>(1);
+        let (tx, rx) = sync_channel::<WaveRows>(1);
         let job = shared.clone();
         let thread = std::thread::Builder::new()
             .name(format!("commit-{worker}"))
             .spawn(move || {
                 let mut counted = WorkerStats::default();
-                for records in rx {
-                    job.commit_wave(worker, &records, &mut counted);
+                for rows in rx {
+                    job.finish_and_commit(worker, rows, &mut counted);
                 }
                 counted
             });
@@ -291,13 +299,13 @@ impl Committer {
     }
 
     /// Hands a finished wave over; blocks while another wave already waits.
-    fn commit(&self, records: Vec<mirgen_schemas::Record>, stats: &mut WorkerStats) {
+    fn commit(&self, rows: WaveRows, stats: &mut WorkerStats) {
         let unsent = match self.queue.borrow().as_ref() {
-            Some(queue) => queue.send(records).err().map(|e| e.0),
-            None => Some(records),
+            Some(queue) => queue.send(rows).err().map(|e| e.0),
+            None => Some(rows),
         };
-        if let Some(records) = unsent {
-            self.shared.commit_wave(self.worker, &records, stats);
+        if let Some(rows) = unsent {
+            self.shared.finish_and_commit(self.worker, rows, stats);
         }
     }
 
@@ -531,10 +539,10 @@ pub fn run(shared: Arc<JobShared>, timely_args: Vec<String>) -> Result<(), Strin
                             if let Some((id, wave)) = stepped {
                                 if wave.is_done() {
                                     let seconds = wave.seconds.clone();
-                                    let records = wave.into_records();
+                                    let rows = wave.into_records();
                                     let mut st = op_stats.borrow_mut();
                                     st.seconds.add(&seconds);
-                                    op_committer.commit(records, &mut st);
+                                    op_committer.commit(rows, &mut st);
                                 } else if let Some(c) = cap.as_ref() {
                                     let mut session = output.session(c);
                                     let mut slots = 0;

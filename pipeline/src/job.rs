@@ -216,6 +216,7 @@ pub fn run(cfg: LoadedConfig, opts: RunOptions) -> Result<RunOutcome, PipelineEr
             corpus_root: corpus.root.clone(),
             index: index.map(Arc::new),
             runtime: runtime.clone(),
+            overlap_encode: true,
             heartbeats,
             stalls,
         },

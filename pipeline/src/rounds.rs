@@ -127,6 +127,10 @@ pub struct WaveContext {
     /// The whole corpus index (replicated mode); `None` when workers hold shards.
     pub index: Option<Arc<CorpusIndex>>,
     pub runtime: Arc<tokio::runtime::Runtime>,
+    /// Encode drawings on the runtime's blocking threads while the models go
+    /// on (the dataflow; [`WaveRows::finish`] collects them on the commit
+    /// thread); false encodes each in place (GenIR's sequential loop).
+    pub overlap_encode: bool,
     /// What each worker is doing (read by the watchdog).
     pub heartbeats: Arc<Heartbeats>,
     /// Stalls of earlier attempts on this output.
@@ -142,7 +146,54 @@ struct Item {
     feedback: Option<String>,
     failed: Option<(i32, String)>,
     rows: Vec<Record>,
+    /// Drawings being encoded: (index in `rows`, job).
+    encoding: Vec<(usize, EncodeJob)>,
     pending_vlm_ms: f32,
+}
+
+/// An image encode running off the worker thread: the bytes (or why not)
+/// and the seconds it took.
+type EncodeJob = tokio::task::JoinHandle<(Result<Vec<u8>, String>, f64)>;
+
+/// A finished wave's rows, `(rounds + 1)` per target in (target, round)
+/// order. Drawings still being encoded fill in their rows' image bytes in
+/// [`WaveRows::finish`].
+pub struct WaveRows {
+    records: Vec<Record>,
+    encoding: Vec<(usize, EncodeJob)>,
+}
+
+impl WaveRows {
+    /// Waits for the wave's encodes (on the commit thread, so the models go
+    /// on meanwhile) and returns the rows and the seconds spent encoding. A
+    /// drawing that cannot be encoded makes its row `failed`; the target's
+    /// later rounds, which used the drawing in memory, stay.
+    pub fn finish(self, runtime: &tokio::runtime::Runtime) -> (Vec<Record>, f64) {
+        let mut records = self.records;
+        let mut seconds = 0.0;
+        for (at, job) in self.encoding {
+            let (bytes, s) = runtime
+                .block_on(job)
+                .unwrap_or_else(|e| (Err(format!("the encoder stopped: {e}")), 0.0));
+            seconds += s;
+            let row = &mut records[at];
+            match (bytes, row.synthetic_image.as_mut()) {
+                (Ok(bytes), Some(cell)) => cell.bytes = bytes,
+                (Ok(_), None) => {}
+                (Err(e), _) => {
+                    let mut failed = Record::failed(
+                        &row.target_id,
+                        row.round,
+                        row.seed,
+                        format!("round {} encode: {e}", row.round),
+                    );
+                    failed.target_image = row.target_image.take();
+                    *row = failed;
+                }
+            }
+        }
+        (records, seconds)
+    }
 }
 
 /// Runs `call` on the whole batch; if it errs or panics, runs it item by item
@@ -277,18 +328,36 @@ impl Wave {
     ) -> Wave {
         let t = Instant::now();
         ctx.heartbeats.enter(worker, "load", ids);
-        let items: Vec<Item> = ids
+        // the wave's targets are read and decoded concurrently (one storage
+        // round trip for the wave, not one per target)
+        let loads: Vec<_> = ids
             .iter()
             .map(|id| {
-                let mut item = Item { id: id.clone(), target_cell: None, target: None, query: None, feedback: None, failed: None, rows: vec![], pending_vlm_ms: 0.0 };
-                let loaded = ctx
-                    .runtime
-                    .block_on(ctx.corpus_root.get(id))
-                    .map_err(|e| format!("cannot read target {id}: {e}"))
-                    .and_then(|bytes| {
-                        let img = decode_rgb(id, &bytes).map_err(|e| format!("target image: {e}"))?;
+                let (root, id) = (ctx.corpus_root.clone(), id.clone());
+                ctx.runtime.spawn(async move {
+                    let bytes = root
+                        .get(&id)
+                        .await
+                        .map_err(|e| format!("cannot read target {id}: {e}"))?;
+                    tokio::task::spawn_blocking(move || {
+                        let img =
+                            decode_rgb(&id, &bytes).map_err(|e| format!("target image: {e}"))?;
                         Ok((bytes, img))
-                    });
+                    })
+                    .await
+                    .map_err(|e| format!("target decoder stopped: {e}"))?
+                })
+            })
+            .collect();
+        let items: Vec<Item> = ids
+            .iter()
+            .zip(loads)
+            .map(|(id, load)| {
+                let mut item = Item { id: id.clone(), target_cell: None, target: None, query: None, feedback: None, failed: None, rows: vec![], encoding: vec![], pending_vlm_ms: 0.0 };
+                let loaded: Result<(bytes::Bytes, RgbImage), String> = ctx
+                    .runtime
+                    .block_on(load)
+                    .unwrap_or_else(|e| Err(format!("target loader stopped: {e}")));
                 match loaded {
                     Ok((bytes, img)) => {
                         item.target_cell = Some(ImageCell { bytes: bytes.to_vec(), path: file_name(id).to_string() });
@@ -480,22 +549,34 @@ impl Wave {
         ctx.heartbeats.enter(self.worker, "encode", &self.ids);
         for (p, found) in std::mem::take(&mut self.pending).into_iter().zip(results) {
             let item = &mut self.items[p.item];
+            let (format, quality) = (cfg.output.image_format, cfg.output.jpeg_quality);
             let cell = match &p.image {
-                Some(img) => match encode(img, cfg.output.image_format, cfg.output.jpeg_quality) {
-                    Ok(bytes) => {
-                        let ext = cfg.output.image_format.extension();
-                        let name = file_name(&item.id);
-                        let stem = name.rsplit_once('.').map(|(s, _)| s).unwrap_or(name);
+                Some(img) => {
+                    let name = file_name(&item.id);
+                    let stem = name.rsplit_once('.').map(|(s, _)| s).unwrap_or(name);
+                    let path = format!("{stem}_{round}.{}", format.extension());
+                    if ctx.overlap_encode {
+                        let img = img.clone();
+                        let job = ctx.runtime.spawn_blocking(move || {
+                            let t = Instant::now();
+                            let bytes = encode(&img, format, quality).map_err(|e| e.to_string());
+                            (bytes, t.elapsed().as_secs_f64())
+                        });
+                        item.encoding.push((item.rows.len(), job));
                         Some(ImageCell {
-                            bytes,
-                            path: format!("{stem}_{round}.{ext}"),
+                            bytes: vec![],
+                            path,
                         })
+                    } else {
+                        match encode(img, format, quality) {
+                            Ok(bytes) => Some(ImageCell { bytes, path }),
+                            Err(e) => {
+                                item.failed = Some((round, format!("round {round} encode: {e}")));
+                                continue;
+                            }
+                        }
                     }
-                    Err(e) => {
-                        item.failed = Some((round, format!("round {round} encode: {e}")));
-                        continue;
-                    }
-                },
+                }
                 None => None,
             };
             // prediction feedback shows the top-1 retrieved real image
@@ -635,10 +716,13 @@ impl Wave {
 
     /// Every row of the wave: `(rounds + 1)` per target in (target, round)
     /// order, with `failed` rows for rounds a failed target could not make.
-    pub fn into_records(self) -> Vec<Record> {
+    pub fn into_records(self) -> WaveRows {
         let last_round = self.last_round;
         let mut records = Vec::with_capacity(self.items.len() * (last_round as usize + 1));
+        let mut encoding = Vec::new();
         for mut item in self.items {
+            let base = records.len();
+            encoding.extend(item.encoding.drain(..).map(|(at, job)| (base + at, job)));
             if let Some((at, reason)) = &item.failed {
                 for round in item.rows.len() as i32..=last_round {
                     let error = if round == *at {
@@ -658,19 +742,20 @@ impl Wave {
             }
             records.extend(item.rows);
         }
-        records
+        WaveRows { records, encoding }
     }
 }
 
 /// Makes every row of a wave against a whole (replicated) index:
-/// `(rounds + 1) * ids.len()` records, in (target, round) order.
+/// `(rounds + 1) * ids.len()` records, in (target, round) order (encodes
+/// may still run: see [`WaveRows::finish`]).
 pub fn run_wave(
     models: &mut Models,
     ctx: &WaveContext,
     worker: usize,
     index: &CorpusIndex,
     ids: &[String],
-) -> (Vec<Record>, StageSeconds) {
+) -> (WaveRows, StageSeconds) {
     let mut wave = Wave::start(models, ctx, worker, ids, &|id| index.contains(id));
     while !wave.is_done() {
         // the wave's queries in one pass over the index
