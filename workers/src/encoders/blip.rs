@@ -29,12 +29,13 @@ use candle_nn::{embedding, layer_norm, linear, Embedding, LayerNorm, Linear, Var
 use tokenizers::Tokenizer;
 
 use super::hf::{
-    fingerprint, load_err, load_tokenizer, resolve, rows_normalized, tokenizer_config, var_builder,
-    weights_err, ConfigReader, TextSpec,
+    check_processor_size, embed_images_one_by_one, embed_texts_one_by_one, encode_ids, fingerprint,
+    load_tokenizer, model_max_length, resolve, rows_normalized, text_max_len, tokenizer_config,
+    truncate_unpadded, var_builder, weights_err, ConfigReader, TextSpec,
 };
 use super::layers::{Act, Mlp, TowerConfig};
-use crate::preprocess::{ImageProcessor, ResizeTo};
-use crate::{Embedder, ModelInfo, Result, RgbImage, WorkerError};
+use crate::preprocess::ImageProcessor;
+use crate::{Embedder, ModelInfo, Result, RgbImage};
 
 /// The parts of a transformers `BlipConfig` the retrieval forward pass needs.
 #[derive(Clone, Debug, PartialEq)]
@@ -95,9 +96,24 @@ impl BlipConfig {
 }
 
 // ------------------------------------------------------------------ vision
+//
+// The ViT and BERT pieces below are shared with BLIP-2 (`blip2.rs`), whose
+// vision tower and Q-Former are the same layers under other names.
 
-/// `BlipAttention`: one `qkv` linear (q, k, v stacked along the output),
-/// scale `head_dim^-0.5`, output `projection`; no mask.
+/// How the fused `qkv` linear of a BLIP / BLIP-2 vision attention keeps its
+/// bias.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub(super) enum QkvBias {
+    /// BLIP: `qkv.bias`, all three parts learned.
+    Full,
+    /// BLIP-2 (EVA ViT): `[q_bias, 0, v_bias]` when `vision_config.qkv_bias`
+    /// (saved as `qkv.bias`, or as `q_bias` / `v_bias` by older
+    /// transformers), no bias otherwise.
+    QueryValue(bool),
+}
+
+/// `BlipAttention` / `Blip2Attention`: one `qkv` linear (q, k, v stacked
+/// along the output), scale `head_dim^-0.5`, output `projection`; no mask.
 struct VisionAttention {
     qkv: Linear,
     projection: Linear,
@@ -106,10 +122,28 @@ struct VisionAttention {
 }
 
 impl VisionAttention {
-    fn new(c: &TowerConfig, vb: VarBuilder) -> candle_core::Result<Self> {
+    fn new(c: &TowerConfig, bias: QkvBias, vb: VarBuilder) -> candle_core::Result<Self> {
         let h = c.hidden_size;
+        let qkv = match bias {
+            QkvBias::Full => linear(h, 3 * h, vb.pp("qkv"))?,
+            QkvBias::QueryValue(has_bias) => {
+                let w = vb.get((3 * h, h), "qkv.weight")?;
+                let bias = if !has_bias {
+                    None
+                } else if vb.contains_tensor("qkv.bias") {
+                    // transformers >= 4.4x saves the concatenated bias
+                    Some(vb.get(3 * h, "qkv.bias")?)
+                } else {
+                    // older saves keep the two learned parts
+                    let q = vb.get(h, "q_bias")?;
+                    let v = vb.get(h, "v_bias")?;
+                    Some(Tensor::cat(&[&q, &q.zeros_like()?, &v], 0)?)
+                };
+                Linear::new(w, bias)
+            }
+        };
         Ok(VisionAttention {
-            qkv: linear(h, 3 * h, vb.pp("qkv"))?,
+            qkv,
             projection: linear(h, h, vb.pp("projection"))?,
             num_heads: c.num_attention_heads,
             head_dim: h / c.num_attention_heads,
@@ -136,7 +170,7 @@ impl VisionAttention {
     }
 }
 
-/// `BlipEncoderLayer` (pre-LayerNorm).
+/// `BlipEncoderLayer` / `Blip2EncoderLayer` (pre-LayerNorm).
 struct VisionLayer {
     layer_norm1: LayerNorm,
     self_attn: VisionAttention,
@@ -145,10 +179,10 @@ struct VisionLayer {
 }
 
 impl VisionLayer {
-    fn new(c: &TowerConfig, vb: VarBuilder) -> candle_core::Result<Self> {
+    fn new(c: &TowerConfig, bias: QkvBias, vb: VarBuilder) -> candle_core::Result<Self> {
         Ok(VisionLayer {
             layer_norm1: layer_norm(c.hidden_size, c.layer_norm_eps, vb.pp("layer_norm1"))?,
-            self_attn: VisionAttention::new(c, vb.pp("self_attn"))?,
+            self_attn: VisionAttention::new(c, bias, vb.pp("self_attn"))?,
             layer_norm2: layer_norm(c.hidden_size, c.layer_norm_eps, vb.pp("layer_norm2"))?,
             mlp: Mlp::new(c, vb.pp("mlp"))?,
         })
@@ -162,65 +196,79 @@ impl VisionLayer {
     }
 }
 
-/// `BlipVisionModel`.
-struct VisionTower {
+/// The geometry of a BLIP / BLIP-2 vision tower.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct VitGeometry {
+    pub image_size: usize,
+    pub patch_size: usize,
+    pub num_channels: usize,
+    pub qkv_bias: QkvBias,
+}
+
+/// `BlipVisionModel` / `Blip2VisionModel`.
+pub(super) struct VisionTower {
     class_embedding: Tensor,
     patch_embedding: candle_nn::Conv2d,
     position_embedding: Tensor,
     layers: Vec<VisionLayer>,
-    post_layernorm: LayerNorm,
+    /// Applied by the caller: BLIP to the class token only, BLIP-2 to the
+    /// whole sequence (the same per token).
+    pub post_layernorm: LayerNorm,
 }
 
 impl VisionTower {
-    fn new(cfg: &BlipConfig, vb: VarBuilder) -> candle_core::Result<Self> {
-        let c = &cfg.vision;
+    pub fn new(c: &TowerConfig, g: VitGeometry, vb: VarBuilder) -> candle_core::Result<Self> {
         let h = c.hidden_size;
         let ve = vb.pp("embeddings");
+        let num_patches = (g.image_size / g.patch_size).pow(2);
         let conv = candle_nn::Conv2dConfig {
-            stride: cfg.patch_size,
+            stride: g.patch_size,
             ..Default::default()
         };
         let lv = vb.pp("encoder").pp("layers");
         Ok(VisionTower {
             class_embedding: ve.get((1, 1, h), "class_embedding")?,
             patch_embedding: candle_nn::conv2d(
-                3,
+                g.num_channels,
                 h,
-                cfg.patch_size,
+                g.patch_size,
                 conv,
                 ve.pp("patch_embedding"),
             )?,
-            position_embedding: ve.get((1, cfg.grid().pow(2) + 1, h), "position_embedding")?,
+            position_embedding: ve.get((1, num_patches + 1, h), "position_embedding")?,
             layers: (0..c.num_hidden_layers)
-                .map(|i| VisionLayer::new(c, lv.pp(i)))
+                .map(|i| VisionLayer::new(c, g.qkv_bias, lv.pp(i)))
                 .collect::<candle_core::Result<_>>()?,
             post_layernorm: layer_norm(h, c.layer_norm_eps, vb.pp("post_layernorm"))?,
         })
     }
 
-    /// (B, 3, S, S) -> the class token's last hidden state (B, hidden).
-    fn forward(&self, pixel_values: &Tensor) -> candle_core::Result<Tensor> {
+    /// (B, C, S, S) -> the encoder's last hidden states (B, 1 + patches,
+    /// hidden), before `post_layernorm`.
+    pub fn encode(&self, pixel_values: &Tensor) -> candle_core::Result<Tensor> {
         let b = pixel_values.dim(0)?;
         let patches = pixel_values
             .apply(&self.patch_embedding)?
             .flatten_from(2)?
             .transpose(1, 2)?;
         let class = self.class_embedding.repeat((b, 1, 1))?;
-        let mut xs =
-            Tensor::cat(&[&class, &patches], 1)?.broadcast_add(&self.position_embedding)?;
+        let mut xs = Tensor::cat(&[&class, &patches], 1)?
+            .broadcast_add(&self.position_embedding)?
+            .contiguous()?;
         for l in &self.layers {
             xs = l.forward(&xs)?;
         }
-        // post_layernorm is per token: the class token's row is enough
-        xs.i((.., 0, ..))?.apply(&self.post_layernorm)
+        Ok(xs)
     }
 }
 
 // ------------------------------------------------------------------ text
 
-/// `BlipTextAttention` (self-attention `attention.self.{query,key,value}`
-/// and `attention.output.{dense,LayerNorm}`, post-LayerNorm).
-struct TextAttention {
+/// BERT attention as BLIP's text encoder (`BlipTextAttention`) and BLIP-2's
+/// Q-Former (`Blip2QFormerAttention`) have it: `{inner}.{query,key,value}`
+/// and `output.{dense,LayerNorm}`, `LayerNorm(dense(context) + input)`
+/// (post-LayerNorm). `inner` is `self` in BLIP, `attention` in BLIP-2.
+pub(super) struct BertAttention {
     query: Linear,
     key: Linear,
     value: Linear,
@@ -230,15 +278,22 @@ struct TextAttention {
     head_dim: usize,
 }
 
-impl TextAttention {
-    fn new(c: &TowerConfig, vb: VarBuilder) -> candle_core::Result<Self> {
+impl BertAttention {
+    /// `kv_size`: the width of what keys and values are computed from (the
+    /// hidden size for self-attention, the vision width for cross-attention).
+    pub fn new(
+        c: &TowerConfig,
+        kv_size: usize,
+        inner: &str,
+        vb: VarBuilder,
+    ) -> candle_core::Result<Self> {
         let h = c.hidden_size;
-        let s = vb.pp("self");
+        let a = vb.pp(inner);
         let o = vb.pp("output");
-        Ok(TextAttention {
-            query: linear(h, h, s.pp("query"))?,
-            key: linear(h, h, s.pp("key"))?,
-            value: linear(h, h, s.pp("value"))?,
+        Ok(BertAttention {
+            query: linear(h, h, a.pp("query"))?,
+            key: linear(kv_size, h, a.pp("key"))?,
+            value: linear(kv_size, h, a.pp("value"))?,
             dense: linear(h, h, o.pp("dense"))?,
             layer_norm: layer_norm(h, c.layer_norm_eps, o.pp("LayerNorm"))?,
             num_heads: c.num_attention_heads,
@@ -246,55 +301,114 @@ impl TextAttention {
         })
     }
 
-    /// `mask`: additive, (B, 1, 1, L).
-    fn forward(&self, xs: &Tensor, mask: Option<&Tensor>) -> candle_core::Result<Tensor> {
-        let (b, n, h) = xs.dims3()?;
+    /// Self-attention (`kv = None`) or cross-attention to `kv`; `mask`:
+    /// additive, broadcastable to (B, heads, queries, keys).
+    pub fn forward(
+        &self,
+        xs: &Tensor,
+        kv: Option<&Tensor>,
+        mask: Option<&Tensor>,
+    ) -> candle_core::Result<Tensor> {
+        let src = kv.unwrap_or(xs);
         let heads = |t: Tensor| -> candle_core::Result<Tensor> {
+            let (b, n, _) = t.dims3()?;
             t.reshape((b, n, self.num_heads, self.head_dim))?
                 .transpose(1, 2)?
                 .contiguous()
         };
         let q = heads(xs.apply(&self.query)?)?;
-        let k = heads(xs.apply(&self.key)?)?;
-        let v = heads(xs.apply(&self.value)?)?;
+        let k = heads(src.apply(&self.key)?)?;
+        let v = heads(src.apply(&self.value)?)?;
         let mut w = (q.matmul(&k.t()?)? / (self.head_dim as f64).sqrt())?;
         if let Some(m) = mask {
             w = w.broadcast_add(m)?;
         }
         let w = candle_nn::ops::softmax(&w, D::Minus1)?;
+        let (b, n, h) = xs.dims3()?;
         let ctx = w.matmul(&v)?.transpose(1, 2)?.reshape((b, n, h))?;
         (ctx.apply(&self.dense)? + xs)?.apply(&self.layer_norm)
     }
 }
 
+/// BERT feed-forward, `intermediate{suffix}` + `output{suffix}`:
+/// `LayerNorm(dense2(act(dense1(x))) + x)` (BLIP-2's query feed-forward has
+/// the suffix `_query`).
+pub(super) struct BertFeedForward {
+    intermediate: Linear,
+    output: Linear,
+    layer_norm: LayerNorm,
+    act: Act,
+}
+
+impl BertFeedForward {
+    pub fn new(c: &TowerConfig, vb: VarBuilder, suffix: &str) -> candle_core::Result<Self> {
+        let i = vb.pp(format!("intermediate{suffix}"));
+        let o = vb.pp(format!("output{suffix}"));
+        Ok(BertFeedForward {
+            intermediate: linear(c.hidden_size, c.intermediate_size, i.pp("dense"))?,
+            output: linear(c.intermediate_size, c.hidden_size, o.pp("dense"))?,
+            layer_norm: layer_norm(c.hidden_size, c.layer_norm_eps, o.pp("LayerNorm"))?,
+            act: c.act,
+        })
+    }
+
+    pub fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
+        let h = xs
+            .apply(&self.intermediate)?
+            .apply(&self.act)?
+            .apply(&self.output)?;
+        (h + xs)?.apply(&self.layer_norm)
+    }
+}
+
+/// BERT embeddings: `LayerNorm(word_embeddings(ids) + position_embeddings[:L])`
+/// for (B, L) ids; the caller checks L against the position table.
+pub(super) fn bert_embeddings(
+    word_embeddings: &Embedding,
+    position_embeddings: &Tensor,
+    norm: &LayerNorm,
+    input_ids: &Tensor,
+) -> candle_core::Result<Tensor> {
+    let n = input_ids.dim(1)?;
+    word_embeddings
+        .forward(input_ids)?
+        .broadcast_add(&position_embeddings.narrow(0, 0, n)?.unsqueeze(0)?)?
+        .apply(norm)
+}
+
+/// transformers' extended attention mask from a (B, L) 0/1 mask:
+/// `(1 - m) * masked`, shaped (B, 1, 1, L) to add over the keys. `masked`
+/// is `finfo(float32).min` in BLIP, -10000 in BLIP-2.
+pub(super) fn extended_mask(
+    attention_mask: Option<&Tensor>,
+    (b, n): (usize, usize),
+    masked: f64,
+) -> candle_core::Result<Option<Tensor>> {
+    attention_mask
+        .map(|m| {
+            m.to_dtype(DType::F32)?
+                .affine(-masked, masked)?
+                .reshape((b, 1, 1, n))
+        })
+        .transpose()
+}
+
 /// `BlipTextLayer` without its cross-attention.
 struct TextLayer {
-    attention: TextAttention,
-    intermediate: Linear,
-    act: Act,
-    output: Linear,
-    output_norm: LayerNorm,
+    attention: BertAttention,
+    ffn: BertFeedForward,
 }
 
 impl TextLayer {
     fn new(c: &TowerConfig, vb: VarBuilder) -> candle_core::Result<Self> {
-        let h = c.hidden_size;
         Ok(TextLayer {
-            attention: TextAttention::new(c, vb.pp("attention"))?,
-            intermediate: linear(h, c.intermediate_size, vb.pp("intermediate").pp("dense"))?,
-            act: c.act,
-            output: linear(c.intermediate_size, h, vb.pp("output").pp("dense"))?,
-            output_norm: layer_norm(h, c.layer_norm_eps, vb.pp("output").pp("LayerNorm"))?,
+            attention: BertAttention::new(c, c.hidden_size, "self", vb.pp("attention"))?,
+            ffn: BertFeedForward::new(c, vb, "")?,
         })
     }
 
     fn forward(&self, xs: &Tensor, mask: Option<&Tensor>) -> candle_core::Result<Tensor> {
-        let a = self.attention.forward(xs, mask)?;
-        let h = a
-            .apply(&self.intermediate)?
-            .apply(&self.act)?
-            .apply(&self.output)?;
-        (h + a)?.apply(&self.output_norm)
+        self.ffn.forward(&self.attention.forward(xs, None, mask)?)
     }
 }
 
@@ -340,23 +454,14 @@ impl TextTower {
                 self.max_positions
             );
         }
-        let mut xs = self
-            .word_embeddings
-            .forward(input_ids)?
-            .broadcast_add(&self.position_embeddings.narrow(0, 0, n)?.unsqueeze(0)?)?
-            .apply(&self.embeddings_norm)?;
+        let mut xs = bert_embeddings(
+            &self.word_embeddings,
+            &self.position_embeddings,
+            &self.embeddings_norm,
+            input_ids,
+        )?;
         // transformers' extended mask: (1 - m) * finfo.min on the keys
-        let mask = match attention_mask {
-            Some(m) => {
-                let min = f32::MIN as f64;
-                Some(
-                    m.to_dtype(DType::F32)?
-                        .affine(-min, min)?
-                        .reshape((b, 1, 1, n))?,
-                )
-            }
-            None => None,
-        };
+        let mask = extended_mask(attention_mask, (b, n), f32::MIN as f64)?;
         for l in &self.layers {
             xs = l.forward(&xs, mask.as_ref())?;
         }
@@ -382,7 +487,16 @@ impl BlipModel {
         let d = cfg.image_text_hidden_size;
         Ok(BlipModel {
             cfg: cfg.clone(),
-            vision: VisionTower::new(cfg, vb.pp("vision_model"))?,
+            vision: VisionTower::new(
+                &cfg.vision,
+                VitGeometry {
+                    image_size: cfg.image_size,
+                    patch_size: cfg.patch_size,
+                    num_channels: 3,
+                    qkv_bias: QkvBias::Full,
+                },
+                vb.pp("vision_model"),
+            )?,
             text: TextTower::new(cfg, vb.pp("text_encoder"))?,
             vision_proj: linear(cfg.vision.hidden_size, d, vb.pp("vision_proj"))?,
             text_proj: linear(cfg.text.hidden_size, d, vb.pp("text_proj"))?,
@@ -395,7 +509,12 @@ impl BlipModel {
 
     /// (B, 3, image_size, image_size) -> (B, image_text_hidden_size), not normalised.
     pub fn image_features(&self, pixel_values: &Tensor) -> candle_core::Result<Tensor> {
-        self.vision.forward(pixel_values)?.apply(&self.vision_proj)
+        // post_layernorm is per token: the class token's row is enough
+        self.vision
+            .encode(pixel_values)?
+            .i((.., 0, ..))?
+            .apply(&self.vision.post_layernorm)?
+            .apply(&self.vision_proj)
     }
 
     /// (B, L) u32 ids (+ optional (B, L) 0/1 mask) -> (B, image_text_hidden_size),
@@ -450,44 +569,15 @@ impl BlipEmbedder {
             pre.value(),
             &pre.file().display().to_string(),
         )?;
-        let tc = tokenizer_config(dir)?;
-        let model_max = tc
-            .opt_usize("model_max_length")
-            .ok()
-            .flatten()
-            .filter(|&n| n > 0 && n < 1_000_000);
+        let model_max = model_max_length(&tokenizer_config(dir)?);
         // the tokenizer first: a tokenizer from another checkpoint is named as such
         let mut tokenizer = load_tokenizer(dir, c.vocab_size)?;
         let (vb, label) = var_builder(dir, device)?;
         let model = BlipModel::new(&c, vb).map_err(|e| weights_err(&label, e))?;
         // the processor must produce what the vision tower was built for
-        let (h, w) = match (processor.crop, processor.resize) {
-            (Some(crop), _) => crop,
-            (None, Some(ResizeTo::Exact { height, width })) => (height, width),
-            _ => {
-                return Err(pre.error(
-                    "the processor does not produce a fixed size (needs do_center_crop or size {height, width})"
-                        .into(),
-                ))
-            }
-        };
-        if (h as usize, w as usize) != (c.image_size, c.image_size) {
-            return Err(pre.error(format!(
-                "the processor produces {h}x{w} images but config.json's vision_config.image_size is {}",
-                c.image_size
-            )));
-        }
-        let max_len = model_max.map_or(c.max_position_embeddings, |m| {
-            m.min(c.max_position_embeddings)
-        });
-        // no padding: one text per forward pass, so nothing to pad
-        tokenizer.with_padding(None);
-        tokenizer
-            .with_truncation(Some(tokenizers::TruncationParams {
-                max_length: max_len,
-                ..Default::default()
-            }))
-            .map_err(|e| load_err(format!("{}: {e}", dir.join("tokenizer.json").display())))?;
+        check_processor_size(&processor, &pre, c.image_size)?;
+        let max_len = text_max_len(model_max, c.max_position_embeddings);
+        truncate_unpadded(&mut tokenizer, dir, max_len)?;
         let text = TextSpec {
             max_len,
             pad_to_max_with: None,
@@ -527,11 +617,7 @@ impl BlipEmbedder {
     /// The ids the text encoder gets for one text: `[CLS] ... [SEP]`,
     /// truncated to `max_len`, not padded.
     pub fn tokenize(&self, text: &str) -> Result<Vec<u32>> {
-        let enc = self
-            .tokenizer
-            .encode(text, true)
-            .map_err(|e| WorkerError::Tokenizer(e.to_string()))?;
-        Ok(enc.get_ids().to_vec())
+        encode_ids(&self.tokenizer, text)
     }
 
     /// Unit-norm embeddings of preprocessed images (B, 3, H, W).
@@ -563,25 +649,19 @@ impl Embedder for BlipEmbedder {
         self.model.cfg.image_text_hidden_size
     }
 
-    /// One forward pass per image: batched kernels change the summation
-    /// order with the batch size, and a rank must not depend on batching.
+    /// One forward pass per image (see [`embed_images_one_by_one`]).
     fn embed_images(&mut self, images: &[&RgbImage]) -> Result<Vec<Vec<f32>>> {
-        let mut out = Vec::with_capacity(images.len());
-        for img in images {
-            let pixels = self.processor.batch(&[*img], &self.device)?;
-            out.extend(self.embed_pixel_values(&pixels)?);
-        }
-        Ok(out)
+        embed_images_one_by_one(&self.processor, &self.device, images, |p| {
+            self.embed_pixel_values(p)
+        })
     }
 
     fn embed_texts(&mut self, texts: &[String]) -> Result<Vec<Vec<f32>>> {
-        let mut out = Vec::with_capacity(texts.len());
-        for t in texts {
-            let ids = self.tokenize(t)?;
-            let n = ids.len();
-            let ids = Tensor::from_vec(ids, (1, n), &self.device)?;
-            out.extend(self.embed_token_ids(&ids, None)?);
-        }
-        Ok(out)
+        embed_texts_one_by_one(
+            &self.device,
+            texts,
+            |t| self.tokenize(t),
+            |ids| self.embed_token_ids(ids, None),
+        )
     }
 }

@@ -49,17 +49,22 @@
 
 use std::path::Path;
 
-use candle_core::{DType, Device, IndexOp, Module, Tensor, D};
+use candle_core::{DType, Device, IndexOp, Tensor};
 use candle_nn::{embedding, layer_norm, linear, Embedding, LayerNorm, Linear, VarBuilder};
 use tokenizers::Tokenizer;
 
-use super::hf::{
-    fingerprint, load_tokenizer, resolve, rows_normalized, tokenizer_config, var_builder,
-    weights_err, ConfigReader, TextSpec,
+use super::blip::{
+    bert_embeddings, extended_mask, BertAttention, BertFeedForward, QkvBias, VisionTower,
+    VitGeometry,
 };
-use super::layers::{Mlp, TowerConfig};
-use crate::preprocess::{ImageProcessor, ResizeTo};
-use crate::{Embedder, ModelInfo, Result, RgbImage, WorkerError};
+use super::hf::{
+    check_processor_size, embed_images_one_by_one, embed_texts_one_by_one, encode_ids, fingerprint,
+    load_tokenizer, model_max_length, resolve, rows_normalized, text_max_len, tokenizer_config,
+    truncate_unpadded, var_builder, weights_err, ConfigReader, TextSpec,
+};
+use super::layers::TowerConfig;
+use crate::preprocess::ImageProcessor;
+use crate::{Embedder, ModelInfo, Result, RgbImage};
 
 /// The parts of a transformers `Blip2Config` the retrieval forward needs.
 #[derive(Clone, Debug, PartialEq)]
@@ -157,239 +162,17 @@ impl Blip2Config {
     }
 }
 
-// ------------------------------------------------------------------ vision
-
-/// `Blip2Attention`: one `qkv` linear, bias `[q_bias, 0, v_bias]`.
-struct VisionAttention {
-    qkv: Linear,
-    projection: Linear,
-    num_heads: usize,
-    head_dim: usize,
-}
-
-impl VisionAttention {
-    fn new(c: &TowerConfig, qkv_bias: bool, vb: VarBuilder) -> candle_core::Result<Self> {
-        let h = c.hidden_size;
-        let w = vb.get((3 * h, h), "qkv.weight")?;
-        let bias = if !qkv_bias {
-            None
-        } else if vb.contains_tensor("qkv.bias") {
-            // transformers >= 4.4x saves the concatenated bias
-            Some(vb.get(3 * h, "qkv.bias")?)
-        } else {
-            // older saves keep the two learned parts
-            let q = vb.get(h, "q_bias")?;
-            let v = vb.get(h, "v_bias")?;
-            Some(Tensor::cat(&[&q, &q.zeros_like()?, &v], 0)?)
-        };
-        Ok(VisionAttention {
-            qkv: Linear::new(w, bias),
-            projection: linear(h, h, vb.pp("projection"))?,
-            num_heads: c.num_attention_heads,
-            head_dim: h / c.num_attention_heads,
-        })
-    }
-
-    fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
-        let (b, n, h) = xs.dims3()?;
-        let mixed = xs.apply(&self.qkv)?;
-        let heads = |i: usize| -> candle_core::Result<Tensor> {
-            mixed
-                .narrow(2, i * h, h)?
-                .reshape((b, n, self.num_heads, self.head_dim))?
-                .transpose(1, 2)?
-                .contiguous()
-        };
-        let (q, k, v) = (heads(0)?, heads(1)?, heads(2)?);
-        let scale = (self.head_dim as f64).powf(-0.5);
-        let w = (q.matmul(&k.t()?)? * scale)?;
-        let w = candle_nn::ops::softmax(&w, D::Minus1)?;
-        w.matmul(&v)?
-            .transpose(1, 2)?
-            .reshape((b, n, h))?
-            .apply(&self.projection)
-    }
-}
-
-/// `Blip2EncoderLayer`: pre-LayerNorm attention and MLP.
-struct VisionLayer {
-    layer_norm1: LayerNorm,
-    self_attn: VisionAttention,
-    layer_norm2: LayerNorm,
-    mlp: Mlp,
-}
-
-impl VisionLayer {
-    fn new(c: &TowerConfig, qkv_bias: bool, vb: VarBuilder) -> candle_core::Result<Self> {
-        Ok(VisionLayer {
-            layer_norm1: layer_norm(c.hidden_size, c.layer_norm_eps, vb.pp("layer_norm1"))?,
-            self_attn: VisionAttention::new(c, qkv_bias, vb.pp("self_attn"))?,
-            layer_norm2: layer_norm(c.hidden_size, c.layer_norm_eps, vb.pp("layer_norm2"))?,
-            mlp: Mlp::new(c, vb.pp("mlp"))?,
-        })
-    }
-
-    fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
-        let h = self.self_attn.forward(&xs.apply(&self.layer_norm1)?)?;
-        let xs = (h + xs)?;
-        let h = xs.apply(&self.layer_norm2)?.apply(&self.mlp)?;
-        h + xs
-    }
-}
-
-/// `Blip2VisionModel`.
-struct VisionTower {
-    class_embedding: Tensor,
-    patch_embedding: candle_nn::Conv2d,
-    position_embedding: Tensor,
-    layers: Vec<VisionLayer>,
-    post_layernorm: LayerNorm,
-    hidden: usize,
-}
-
-impl VisionTower {
-    fn new(cfg: &Blip2Config, vb: VarBuilder) -> candle_core::Result<Self> {
-        let c = &cfg.vision;
-        let h = c.hidden_size;
-        let e = vb.pp("embeddings");
-        let num_patches = (cfg.image_size / cfg.patch_size).pow(2);
-        let conv = candle_nn::Conv2dConfig {
-            stride: cfg.patch_size,
-            ..Default::default()
-        };
-        let lv = vb.pp("encoder").pp("layers");
-        Ok(VisionTower {
-            class_embedding: e.get((1, 1, h), "class_embedding")?,
-            patch_embedding: candle_nn::conv2d(
-                cfg.num_channels,
-                h,
-                cfg.patch_size,
-                conv,
-                e.pp("patch_embedding"),
-            )?,
-            position_embedding: e.get((1, num_patches + 1, h), "position_embedding")?,
-            layers: (0..c.num_hidden_layers)
-                .map(|i| VisionLayer::new(c, cfg.qkv_bias, lv.pp(i)))
-                .collect::<candle_core::Result<_>>()?,
-            post_layernorm: layer_norm(h, c.layer_norm_eps, vb.pp("post_layernorm"))?,
-            hidden: h,
-        })
-    }
-
-    /// (B, 3, S, S) -> (B, 1 + patches, hidden), post-LayerNormed.
-    fn forward(&self, pixel_values: &Tensor) -> candle_core::Result<Tensor> {
-        let b = pixel_values.dim(0)?;
-        let patches = pixel_values
-            .apply(&self.patch_embedding)?
-            .flatten_from(2)?
-            .transpose(1, 2)?;
-        let class = self.class_embedding.repeat((b, 1, 1))?;
-        let mut xs = Tensor::cat(&[&class, &patches], 1)?
-            .broadcast_add(&self.position_embedding)?
-            .contiguous()?;
-        debug_assert_eq!(xs.dim(2)?, self.hidden);
-        for l in &self.layers {
-            xs = l.forward(&xs)?;
-        }
-        xs.apply(&self.post_layernorm)
-    }
-}
-
 // ------------------------------------------------------------------ Q-Former
-
-/// `Blip2QFormerAttention`: multi-head attention (`attention.{query,key,
-/// value}`) and `output`: `LayerNorm(dense(context) + input)`.
-struct QfAttention {
-    query: Linear,
-    key: Linear,
-    value: Linear,
-    dense: Linear,
-    layer_norm: LayerNorm,
-    num_heads: usize,
-    head_dim: usize,
-}
-
-impl QfAttention {
-    fn new(c: &TowerConfig, kv_size: usize, vb: VarBuilder) -> candle_core::Result<Self> {
-        let h = c.hidden_size;
-        let a = vb.pp("attention");
-        let o = vb.pp("output");
-        Ok(QfAttention {
-            query: linear(h, h, a.pp("query"))?,
-            key: linear(kv_size, h, a.pp("key"))?,
-            value: linear(kv_size, h, a.pp("value"))?,
-            dense: linear(h, h, o.pp("dense"))?,
-            layer_norm: layer_norm(h, c.layer_norm_eps, o.pp("LayerNorm"))?,
-            num_heads: c.num_attention_heads,
-            head_dim: h / c.num_attention_heads,
-        })
-    }
-
-    /// Self-attention (`kv = None`) or cross-attention to `kv`; `mask`:
-    /// additive, broadcastable to (B, heads, queries, keys).
-    fn forward(
-        &self,
-        xs: &Tensor,
-        kv: Option<&Tensor>,
-        mask: Option<&Tensor>,
-    ) -> candle_core::Result<Tensor> {
-        let src = kv.unwrap_or(xs);
-        let heads = |t: Tensor| -> candle_core::Result<Tensor> {
-            let (b, n, _) = t.dims3()?;
-            t.reshape((b, n, self.num_heads, self.head_dim))?
-                .transpose(1, 2)?
-                .contiguous()
-        };
-        let q = heads(xs.apply(&self.query)?)?;
-        let k = heads(src.apply(&self.key)?)?;
-        let v = heads(src.apply(&self.value)?)?;
-        let mut w = (q.matmul(&k.t()?)? / (self.head_dim as f64).sqrt())?;
-        if let Some(m) = mask {
-            w = w.broadcast_add(m)?;
-        }
-        let w = candle_nn::ops::softmax(&w, D::Minus1)?;
-        let (b, n, h) = xs.dims3()?;
-        let ctx = w.matmul(&v)?.transpose(1, 2)?.reshape((b, n, h))?;
-        (ctx.apply(&self.dense)? + xs)?.apply(&self.layer_norm)
-    }
-}
-
-/// `intermediate[_query]` + `output[_query]`:
-/// `LayerNorm(dense2(act(dense1(x))) + x)`.
-struct QfFeedForward {
-    intermediate: Linear,
-    output: Linear,
-    layer_norm: LayerNorm,
-    act: super::layers::Act,
-}
-
-impl QfFeedForward {
-    fn new(c: &TowerConfig, vb: VarBuilder, suffix: &str) -> candle_core::Result<Self> {
-        let i = vb.pp(format!("intermediate{suffix}"));
-        let o = vb.pp(format!("output{suffix}"));
-        Ok(QfFeedForward {
-            intermediate: linear(c.hidden_size, c.intermediate_size, i.pp("dense"))?,
-            output: linear(c.intermediate_size, c.hidden_size, o.pp("dense"))?,
-            layer_norm: layer_norm(c.hidden_size, c.layer_norm_eps, o.pp("LayerNorm"))?,
-            act: c.act,
-        })
-    }
-
-    fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
-        let h = xs
-            .apply(&self.intermediate)?
-            .apply(&self.act)?
-            .apply(&self.output)?;
-        (h + xs)?.apply(&self.layer_norm)
-    }
-}
+//
+// The vision tower is BLIP's (`blip::VisionTower`, with the EVA `qkv` bias)
+// and the Q-Former's attention and feed-forward are BLIP's BERT pieces.
 
 /// `Blip2QFormerLayer`.
 struct QfLayer {
-    attention: QfAttention,
-    crossattention: Option<QfAttention>,
-    text_ffn: QfFeedForward,
-    query_ffn: QfFeedForward,
+    attention: BertAttention,
+    crossattention: Option<BertAttention>,
+    text_ffn: BertFeedForward,
+    query_ffn: BertFeedForward,
 }
 
 impl QfLayer {
@@ -397,18 +180,19 @@ impl QfLayer {
         let c = &cfg.qformer;
         let cross = idx.is_multiple_of(cfg.cross_attention_frequency);
         Ok(QfLayer {
-            attention: QfAttention::new(c, c.hidden_size, vb.pp("attention"))?,
+            attention: BertAttention::new(c, c.hidden_size, "attention", vb.pp("attention"))?,
             crossattention: if cross {
-                Some(QfAttention::new(
+                Some(BertAttention::new(
                     c,
                     cfg.encoder_hidden_size,
+                    "attention",
                     vb.pp("crossattention"),
                 )?)
             } else {
                 None
             },
-            text_ffn: QfFeedForward::new(c, vb.clone(), "")?,
-            query_ffn: QfFeedForward::new(c, vb, "_query")?,
+            text_ffn: BertFeedForward::new(c, vb.clone(), "")?,
+            query_ffn: BertFeedForward::new(c, vb, "_query")?,
         })
     }
 }
@@ -437,7 +221,16 @@ impl Blip2Model {
         let lv = q.pp("encoder").pp("layer");
         Ok(Blip2Model {
             cfg: cfg.clone(),
-            vision: VisionTower::new(cfg, vb.pp("vision_model"))?,
+            vision: VisionTower::new(
+                &cfg.vision,
+                VitGeometry {
+                    image_size: cfg.image_size,
+                    patch_size: cfg.patch_size,
+                    num_channels: cfg.num_channels,
+                    qkv_bias: QkvBias::QueryValue(cfg.qkv_bias),
+                },
+                vb.pp("vision_model"),
+            )?,
             query_tokens: vb.get((1, cfg.num_query_tokens, h), "query_tokens")?,
             word_embeddings: embedding(cfg.qformer_vocab_size, h, e.pp("word_embeddings"))?,
             position_embeddings: e
@@ -458,7 +251,10 @@ impl Blip2Model {
 
     /// (B, 3, S, S) -> (B, Q, D): the query projections, not normalised.
     pub fn image_features(&self, pixel_values: &Tensor) -> candle_core::Result<Tensor> {
-        let image = self.vision.forward(pixel_values)?;
+        let image = self
+            .vision
+            .encode(pixel_values)?
+            .apply(&self.vision.post_layernorm)?;
         let b = image.dim(0)?;
         // all Q positions are queries (query_length = Q): cross-attention
         // where the layer has it, and the query feed-forward; the vision
@@ -491,20 +287,14 @@ impl Blip2Model {
                 self.cfg.qformer_max_position_embeddings
             );
         }
-        let mut xs = self
-            .word_embeddings
-            .forward(input_ids)?
-            .broadcast_add(&self.position_embeddings.narrow(0, 0, n)?.unsqueeze(0)?)?
-            .apply(&self.layernorm)?;
+        let mut xs = bert_embeddings(
+            &self.word_embeddings,
+            &self.position_embeddings,
+            &self.layernorm,
+            input_ids,
+        )?;
         // get_extended_attention_mask: (1 - mask) * -10000 over the keys
-        let mask = match attention_mask {
-            Some(m) => Some(
-                m.to_dtype(DType::F32)?
-                    .affine(10000.0, -10000.0)?
-                    .reshape((b, 1, 1, n))?,
-            ),
-            None => None,
-        };
+        let mask = extended_mask(attention_mask, (b, n), -10000.0)?;
         // query_length = 0: no cross-attention, the text feed-forward
         for l in &self.layers {
             xs = l.attention.forward(&xs, None, mask.as_ref())?;
@@ -550,41 +340,12 @@ impl Blip2Embedder {
             &pre.file().display().to_string(),
         )?;
         // the processor must produce what the vision tower was built for
-        let (h, w) = match (processor.crop, processor.resize) {
-            (Some(c), _) => c,
-            (None, Some(ResizeTo::Exact { height, width })) => (height, width),
-            _ => {
-                return Err(pre.error(
-                    "the processor does not produce a fixed size (needs do_center_crop or size {height, width})"
-                        .into(),
-                ))
-            }
-        };
-        if (h as usize, w as usize) != (c.image_size, c.image_size) {
-            return Err(pre.error(format!(
-                "the processor produces {h}x{w} images but config.json's vision_config.image_size is {}",
-                c.image_size
-            )));
-        }
+        check_processor_size(&processor, &pre, c.image_size)?;
         // the tokenizer first: a tokenizer from another checkpoint is named as such
         let mut tokenizer = load_tokenizer(dir, c.qformer_vocab_size)?;
-        let tc = tokenizer_config(dir)?;
-        let model_max = tc
-            .opt_usize("model_max_length")
-            .ok()
-            .flatten()
-            .filter(|&n| n > 0 && n < 1_000_000);
-        let max_len = model_max.map_or(c.qformer_max_position_embeddings, |m| {
-            m.min(c.qformer_max_position_embeddings)
-        });
-        let tok_file = dir.join("tokenizer.json");
-        tokenizer.with_padding(None);
-        tokenizer
-            .with_truncation(Some(tokenizers::TruncationParams {
-                max_length: max_len,
-                ..Default::default()
-            }))
-            .map_err(|e| WorkerError::Load(format!("{}: {e}", tok_file.display())))?;
+        let model_max = model_max_length(&tokenizer_config(dir)?);
+        let max_len = text_max_len(model_max, c.qformer_max_position_embeddings);
+        truncate_unpadded(&mut tokenizer, dir, max_len)?;
         let (vb, label) = var_builder(dir, device)?;
         let model = Blip2Model::new(&c, vb).map_err(|e| weights_err(&label, e))?;
         let text = TextSpec {
@@ -627,11 +388,7 @@ impl Blip2Embedder {
     /// The ids the Q-Former gets for one text: `[CLS] ... [SEP]`, truncated
     /// to [`Blip2Embedder::max_len`], not padded.
     pub fn tokenize(&self, text: &str) -> Result<Vec<u32>> {
-        let enc = self
-            .tokenizer
-            .encode(text, true)
-            .map_err(|e| WorkerError::Tokenizer(e.to_string()))?;
-        Ok(enc.get_ids().to_vec())
+        encode_ids(&self.tokenizer, text)
     }
 
     /// Image embeddings of preprocessed images (B, 3, S, S): per image the
@@ -673,24 +430,19 @@ impl Embedder for Blip2Embedder {
         self.model.cfg.num_query_tokens
     }
 
-    /// One forward pass per image (a rank must not depend on batching).
+    /// One forward pass per image (see [`embed_images_one_by_one`]).
     fn embed_images(&mut self, images: &[&RgbImage]) -> Result<Vec<Vec<f32>>> {
-        let mut out = Vec::with_capacity(images.len());
-        for img in images {
-            let pixels = self.processor.batch(&[*img], &self.device)?;
-            out.extend(self.embed_pixel_values(&pixels)?);
-        }
-        Ok(out)
+        embed_images_one_by_one(&self.processor, &self.device, images, |p| {
+            self.embed_pixel_values(p)
+        })
     }
 
     fn embed_texts(&mut self, texts: &[String]) -> Result<Vec<Vec<f32>>> {
-        let mut out = Vec::with_capacity(texts.len());
-        for t in texts {
-            let ids = self.tokenize(t)?;
-            let n = ids.len();
-            let ids = Tensor::from_vec(ids, (1, n), &self.device)?;
-            out.extend(self.embed_token_ids(&ids, None)?);
-        }
-        Ok(out)
+        embed_texts_one_by_one(
+            &self.device,
+            texts,
+            |t| self.tokenize(t),
+            |ids| self.embed_token_ids(ids, None),
+        )
     }
 }

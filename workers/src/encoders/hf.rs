@@ -469,11 +469,7 @@ impl HfEmbedder {
             &pre.file().display().to_string(),
         )?;
         let tc = tokenizer_config(dir)?;
-        let model_max = tc
-            .opt_usize("model_max_length")
-            .ok()
-            .flatten()
-            .filter(|&n| n > 0 && n < 1_000_000);
+        let model_max = model_max_length(&tc);
         enum Arch {
             Clip(ClipConfig),
             Siglip(SiglipConfig),
@@ -521,28 +517,9 @@ impl HfEmbedder {
             }
         };
         // the processor must produce what the vision tower was built for
-        let (h, w) = match (processor.crop, processor.resize) {
-            (Some(c), _) => c,
-            (None, Some(crate::preprocess::ResizeTo::Exact { height, width })) => (height, width),
-            _ => {
-                return Err(pre.error(
-                    "the processor does not produce a fixed size (needs do_center_crop or size {height, width})".into(),
-                ))
-            }
-        };
-        if (h as usize, w as usize) != (image_size, image_size) {
-            return Err(pre.error(format!(
-                "the processor produces {h}x{w} images but config.json's vision_config.image_size is {image_size}"
-            )));
-        }
-        let max_len = model_max.map_or(max_pos, |m| m.min(max_pos));
-        tokenizer.with_padding(None);
-        tokenizer
-            .with_truncation(Some(tokenizers::TruncationParams {
-                max_length: max_len,
-                ..Default::default()
-            }))
-            .map_err(|e| load_err(format!("{}: {e}", dir.join("tokenizer.json").display())))?;
+        check_processor_size(&processor, &pre, image_size)?;
+        let max_len = text_max_len(model_max, max_pos);
+        truncate_unpadded(&mut tokenizer, dir, max_len)?;
         let pad_to_max_with = match pad_id {
             None => None,
             Some(config_pad) => {
@@ -593,11 +570,7 @@ impl HfEmbedder {
     /// The ids the text tower gets for one text (special tokens, truncation,
     /// SigLIP's padding to max_length).
     pub fn tokenize(&self, text: &str) -> Result<Vec<u32>> {
-        let enc = self
-            .tokenizer
-            .encode(text, true)
-            .map_err(|e| WorkerError::Tokenizer(e.to_string()))?;
-        let mut ids = enc.get_ids().to_vec();
+        let mut ids = encode_ids(&self.tokenizer, text)?;
         if let Some(pad) = self.text.pad_to_max_with {
             ids.resize(self.text.max_len.max(ids.len()), pad);
         }
@@ -641,27 +614,120 @@ impl Embedder for HfEmbedder {
         self.dim
     }
 
-    /// One forward pass per image: batched kernels change the summation
-    /// order with the batch size, and a rank must not depend on batching.
+    /// One forward pass per image (see [`embed_images_one_by_one`]).
     fn embed_images(&mut self, images: &[&RgbImage]) -> Result<Vec<Vec<f32>>> {
-        let mut out = Vec::with_capacity(images.len());
-        for img in images {
-            let pixels = self.processor.batch(&[*img], &self.device)?;
-            out.extend(self.embed_pixel_values(&pixels)?);
-        }
-        Ok(out)
+        embed_images_one_by_one(&self.processor, &self.device, images, |p| {
+            self.embed_pixel_values(p)
+        })
     }
 
     fn embed_texts(&mut self, texts: &[String]) -> Result<Vec<Vec<f32>>> {
-        let mut out = Vec::with_capacity(texts.len());
-        for t in texts {
-            let ids = self.tokenize(t)?;
-            let n = ids.len();
-            let ids = Tensor::from_vec(ids, (1, n), &self.device)?;
-            out.extend(self.embed_token_ids(&ids, None)?);
-        }
-        Ok(out)
+        embed_texts_one_by_one(
+            &self.device,
+            texts,
+            |t| self.tokenize(t),
+            |ids| self.embed_token_ids(ids, None),
+        )
     }
+}
+
+/// `tokenizer_config.json`'s `model_max_length` when it is a real limit
+/// (transformers writes a huge sentinel when there is none).
+pub(crate) fn model_max_length(tc: &ConfigReader) -> Option<usize> {
+    tc.opt_usize("model_max_length")
+        .ok()
+        .flatten()
+        .filter(|&n| n > 0 && n < 1_000_000)
+}
+
+/// The truncation length of a text: `model_max_length` capped by the text
+/// tower's position table.
+pub(crate) fn text_max_len(model_max: Option<usize>, max_positions: usize) -> usize {
+    model_max.map_or(max_positions, |m| m.min(max_positions))
+}
+
+/// Sets the tokenizer to truncate at `max_len` and not to pad (one text per
+/// forward pass, so nothing to pad); errors name `dir/tokenizer.json`.
+pub(crate) fn truncate_unpadded(
+    tokenizer: &mut Tokenizer,
+    dir: &Path,
+    max_len: usize,
+) -> Result<()> {
+    tokenizer.with_padding(None);
+    tokenizer
+        .with_truncation(Some(tokenizers::TruncationParams {
+            max_length: max_len,
+            ..Default::default()
+        }))
+        .map_err(|e| load_err(format!("{}: {e}", dir.join("tokenizer.json").display())))?;
+    Ok(())
+}
+
+/// Checks that the processor of `preprocessor_config.json` (`pre`) produces
+/// the square `image_size` images the vision tower was built for.
+pub(crate) fn check_processor_size(
+    processor: &ImageProcessor,
+    pre: &ConfigReader,
+    image_size: usize,
+) -> Result<()> {
+    let (h, w) = match (processor.crop, processor.resize) {
+        (Some(c), _) => c,
+        (None, Some(crate::preprocess::ResizeTo::Exact { height, width })) => (height, width),
+        _ => {
+            return Err(pre.error(
+                "the processor does not produce a fixed size (needs do_center_crop or size {height, width})".into(),
+            ))
+        }
+    };
+    if (h as usize, w as usize) != (image_size, image_size) {
+        return Err(pre.error(format!(
+            "the processor produces {h}x{w} images but config.json's vision_config.image_size is {image_size}"
+        )));
+    }
+    Ok(())
+}
+
+/// The ids of one text with the tokenizer's special tokens.
+pub(crate) fn encode_ids(tokenizer: &Tokenizer, text: &str) -> Result<Vec<u32>> {
+    let enc = tokenizer
+        .encode(text, true)
+        .map_err(|e| WorkerError::Tokenizer(e.to_string()))?;
+    Ok(enc.get_ids().to_vec())
+}
+
+/// [`Embedder::embed_images`] for the encoders here: one forward pass per
+/// image, since batched kernels change the summation order with the batch
+/// size and a rank must not depend on batching.
+pub(crate) fn embed_images_one_by_one(
+    processor: &ImageProcessor,
+    device: &Device,
+    images: &[&RgbImage],
+    mut embed_pixel_values: impl FnMut(&Tensor) -> Result<Vec<Vec<f32>>>,
+) -> Result<Vec<Vec<f32>>> {
+    let mut out = Vec::with_capacity(images.len());
+    for img in images {
+        let pixels = processor.batch(&[*img], device)?;
+        out.extend(embed_pixel_values(&pixels)?);
+    }
+    Ok(out)
+}
+
+/// [`Embedder::embed_texts`] for the encoders here: one forward pass per
+/// text on its (1, L) ids, without an attention mask.
+pub(crate) fn embed_texts_one_by_one(
+    device: &Device,
+    texts: &[String],
+    tokenize: impl Fn(&str) -> Result<Vec<u32>>,
+    mut embed_token_ids: impl FnMut(&Tensor) -> Result<Vec<Vec<f32>>>,
+) -> Result<Vec<Vec<f32>>> {
+    let mut out = Vec::with_capacity(texts.len());
+    for t in texts {
+        let ids = tokenize(t)?;
+        let n = ids.len();
+        let ids = Tensor::from_vec(ids, (1, n), device)?;
+        out.extend(embed_token_ids(&ids)?);
+    }
+    Ok(out)
 }
 
 /// transformers' `normalize(x, dim=-1)`: x / max(|x|, 1e-12), per row.
