@@ -11,11 +11,11 @@
 //! `hidden_act` (quick_gelu, gelu, ...) and `layer_norm_eps` come from
 //! `config.json`. The embeddings are not normalised here.
 
-use candle_core::{DType, IndexOp, Module, Tensor};
-use candle_nn::{embedding, layer_norm, linear_no_bias, Embedding, LayerNorm, Linear, VarBuilder};
+use candle_core::{DType, IndexOp, Tensor};
+use candle_nn::{layer_norm, linear_no_bias, LayerNorm, Linear, VarBuilder};
 
 use super::hf::ConfigReader;
-use super::layers::{causal_mask, Encoder, TowerConfig};
+use super::layers::{causal_mask, Encoder, TextTransformer, TowerConfig};
 use crate::Result;
 
 /// The parts of a transformers `CLIPConfig` the forward pass needs.
@@ -62,18 +62,11 @@ struct VisionTower {
     post_layernorm: LayerNorm,
 }
 
-struct TextTower {
-    token_embedding: Embedding,
-    position_embedding: Tensor,
-    encoder: Encoder,
-    final_layer_norm: LayerNorm,
-}
-
 /// transformers' `CLIPModel` (the parts retrieval uses).
 pub struct ClipModel {
     cfg: ClipConfig,
     vision: VisionTower,
-    text: TextTower,
+    text: TextTransformer,
     visual_projection: Linear,
     text_projection: Linear,
 }
@@ -104,20 +97,12 @@ impl ClipModel {
             encoder: Encoder::new(vc, vv.pp("encoder"))?,
             post_layernorm: layer_norm(vc.hidden_size, vc.layer_norm_eps, vv.pp("post_layernorm"))?,
         };
-        let tv = vb.pp("text_model");
-        let te = tv.pp("embeddings");
-        let text = TextTower {
-            token_embedding: embedding(cfg.vocab_size, tc.hidden_size, te.pp("token_embedding"))?,
-            position_embedding: te
-                .pp("position_embedding")
-                .get((cfg.max_position_embeddings, tc.hidden_size), "weight")?,
-            encoder: Encoder::new(tc, tv.pp("encoder"))?,
-            final_layer_norm: layer_norm(
-                tc.hidden_size,
-                tc.layer_norm_eps,
-                tv.pp("final_layer_norm"),
-            )?,
-        };
+        let text = TextTransformer::new(
+            tc,
+            cfg.vocab_size,
+            cfg.max_position_embeddings,
+            vb.pp("text_model"),
+        )?;
         Ok(ClipModel {
             cfg: cfg.clone(),
             vision,
@@ -164,19 +149,8 @@ impl ClipModel {
         input_ids: &Tensor,
         attention_mask: Option<&Tensor>,
     ) -> candle_core::Result<Tensor> {
-        let t = &self.text;
         let (b, n) = input_ids.dims2()?;
-        if n > self.cfg.max_position_embeddings {
-            candle_core::bail!(
-                "{n} tokens exceed max_position_embeddings {}",
-                self.cfg.max_position_embeddings
-            );
-        }
         let dev = input_ids.device();
-        let xs = t
-            .token_embedding
-            .forward(input_ids)?
-            .broadcast_add(&t.position_embedding.narrow(0, 0, n)?.unsqueeze(0)?)?;
         let mut mask = causal_mask(n, dev)?;
         if let Some(m) = attention_mask {
             // MIN * (1 - m): 0 for tokens, MIN for padding
@@ -187,10 +161,7 @@ impl ClipModel {
                 .reshape((b, 1, 1, n))?;
             mask = mask.broadcast_add(&pad)?;
         }
-        let xs = t
-            .encoder
-            .forward(&xs, Some(&mask))?
-            .apply(&t.final_layer_norm)?;
+        let xs = self.text.forward(input_ids, Some(&mask))?;
         // eos positions as transformers picks them
         let ids = input_ids.to_dtype(DType::U32)?.to_vec2::<u32>()?;
         let eos = self.cfg.eos_token_id;

@@ -5,7 +5,7 @@
 //! read from `config.json` (candle's own CLIP hard-codes QuickGELU and 1e-5).
 
 use candle_core::{Module, Result, Tensor, D};
-use candle_nn::{layer_norm, linear, LayerNorm, Linear, VarBuilder};
+use candle_nn::{embedding, layer_norm, linear, Embedding, LayerNorm, Linear, VarBuilder};
 
 /// A transformers `hidden_act`.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -186,4 +186,60 @@ pub fn causal_mask(n: usize, device: &candle_core::Device) -> Result<Tensor> {
         .flat_map(|i| (0..n).map(move |j| if j > i { f32::MIN } else { 0.0 }))
         .collect();
     Tensor::from_vec(m, (1, 1, n, n), device)
+}
+
+/// The text tower CLIP and SigLIP share (`text_model.*`): token + absolute
+/// position embeddings, the pre-LayerNorm [`Encoder`], `final_layer_norm`.
+/// What differs (mask, pooling, projection) stays with the model.
+#[derive(Clone, Debug)]
+pub struct TextTransformer {
+    token_embedding: Embedding,
+    position_embedding: Tensor,
+    encoder: Encoder,
+    final_layer_norm: LayerNorm,
+    max_positions: usize,
+}
+
+impl TextTransformer {
+    /// `vb` at `text_model`.
+    pub fn new(
+        c: &TowerConfig,
+        vocab_size: usize,
+        max_position_embeddings: usize,
+        vb: VarBuilder,
+    ) -> Result<Self> {
+        let te = vb.pp("embeddings");
+        Ok(TextTransformer {
+            token_embedding: embedding(vocab_size, c.hidden_size, te.pp("token_embedding"))?,
+            position_embedding: te
+                .pp("position_embedding")
+                .get((max_position_embeddings, c.hidden_size), "weight")?,
+            encoder: Encoder::new(c, vb.pp("encoder"))?,
+            final_layer_norm: layer_norm(
+                c.hidden_size,
+                c.layer_norm_eps,
+                vb.pp("final_layer_norm"),
+            )?,
+            max_positions: max_position_embeddings,
+        })
+    }
+
+    /// (B, L) ids -> `final_layer_norm(encoder(token + position, mask))`
+    /// (B, L, hidden); more than `max_position_embeddings` ids is an error.
+    pub fn forward(&self, input_ids: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
+        let n = input_ids.dim(1)?;
+        if n > self.max_positions {
+            candle_core::bail!(
+                "{n} tokens exceed max_position_embeddings {}",
+                self.max_positions
+            );
+        }
+        let xs = self
+            .token_embedding
+            .forward(input_ids)?
+            .broadcast_add(&self.position_embedding.narrow(0, 0, n)?.unsqueeze(0)?)?;
+        self.encoder
+            .forward(&xs, mask)?
+            .apply(&self.final_layer_norm)
+    }
 }

@@ -10,11 +10,11 @@
 //!
 //! The embeddings are not normalised here.
 
-use candle_core::{IndexOp, Module, Tensor};
-use candle_nn::{embedding, layer_norm, linear, Embedding, LayerNorm, Linear, VarBuilder};
+use candle_core::{IndexOp, Tensor};
+use candle_nn::{layer_norm, linear, LayerNorm, Linear, VarBuilder};
 
 use super::hf::ConfigReader;
-use super::layers::{Encoder, Mlp, TowerConfig};
+use super::layers::{Encoder, Mlp, TextTransformer, TowerConfig};
 use crate::Result;
 
 /// The parts of a transformers `SiglipConfig` the forward pass needs.
@@ -123,10 +123,7 @@ struct VisionTower {
 }
 
 struct TextTower {
-    token_embedding: Embedding,
-    position_embedding: Tensor,
-    encoder: Encoder,
-    final_layer_norm: LayerNorm,
+    transformer: TextTransformer,
     head: Linear,
 }
 
@@ -163,17 +160,12 @@ impl SiglipModel {
             head: PoolingHead::new(vc, vv.pp("head"))?,
         };
         let tv = vb.pp("text_model");
-        let te = tv.pp("embeddings");
         let text = TextTower {
-            token_embedding: embedding(cfg.vocab_size, tc.hidden_size, te.pp("token_embedding"))?,
-            position_embedding: te
-                .pp("position_embedding")
-                .get((cfg.max_position_embeddings, tc.hidden_size), "weight")?,
-            encoder: Encoder::new(tc, tv.pp("encoder"))?,
-            final_layer_norm: layer_norm(
-                tc.hidden_size,
-                tc.layer_norm_eps,
-                tv.pp("final_layer_norm"),
+            transformer: TextTransformer::new(
+                tc,
+                cfg.vocab_size,
+                cfg.max_position_embeddings,
+                tv.clone(),
             )?,
             head: linear(tc.hidden_size, cfg.projection_size, tv.pp("head"))?,
         };
@@ -204,17 +196,7 @@ impl SiglipModel {
     pub fn text_features(&self, input_ids: &Tensor) -> candle_core::Result<Tensor> {
         let t = &self.text;
         let n = input_ids.dim(1)?;
-        if n > self.cfg.max_position_embeddings {
-            candle_core::bail!(
-                "{n} tokens exceed max_position_embeddings {}",
-                self.cfg.max_position_embeddings
-            );
-        }
-        let xs = t
-            .token_embedding
-            .forward(input_ids)?
-            .broadcast_add(&t.position_embedding.narrow(0, 0, n)?.unsqueeze(0)?)?;
-        let xs = t.encoder.forward(&xs, None)?.apply(&t.final_layer_norm)?;
+        let xs = t.transformer.forward(input_ids, None)?;
         xs.i((.., n - 1, ..))?.contiguous()?.apply(&t.head)
     }
 }
