@@ -47,6 +47,10 @@ use crate::encoders::hf::{
 use crate::encoders::layers::{Act, Encoder, TowerConfig};
 use crate::preprocess::{ImageProcessor, ResizeTo};
 use crate::sampling::Sampler;
+use crate::vlms::shared::{
+    generation_config, image_processor_config, prompt_token_ids, token_of, vlm_output, Attention,
+    AttentionDims,
+};
 use crate::{ModelInfo, Result, RgbImage, SamplingConfig, Vlm, VlmOutput, VlmRequest, WorkerError};
 
 // ------------------------------------------------------------------ config
@@ -431,80 +435,8 @@ impl Module for Mlp {
     }
 }
 
-struct Attention {
-    q: Linear,
-    k: Linear,
-    v: Linear,
-    o: Linear,
-    q_norm: RmsNorm,
-    k_norm: RmsNorm,
-    heads: usize,
-    kv_heads: usize,
-    head_dim: usize,
-    scale: f64,
-    /// Keys and values of every position so far, (1, kv_heads, T, head_dim).
-    cache: Option<(Tensor, Tensor)>,
-}
-
-impl Attention {
-    fn new(c: &Gemma3TextConfig, vb: VarBuilder) -> candle_core::Result<Self> {
-        let (h, d) = (c.hidden_size, c.head_dim);
-        let b = c.attention_bias;
-        Ok(Attention {
-            q: linear_b(h, c.num_attention_heads * d, b, vb.pp("q_proj"))?,
-            k: linear_b(h, c.num_key_value_heads * d, b, vb.pp("k_proj"))?,
-            v: linear_b(h, c.num_key_value_heads * d, b, vb.pp("v_proj"))?,
-            o: linear_b(c.num_attention_heads * d, h, b, vb.pp("o_proj"))?,
-            q_norm: RmsNorm::new(d, c.rms_norm_eps, vb.pp("q_norm"))?,
-            k_norm: RmsNorm::new(d, c.rms_norm_eps, vb.pp("k_norm"))?,
-            heads: c.num_attention_heads,
-            kv_heads: c.num_key_value_heads,
-            head_dim: d,
-            scale: c.query_pre_attn_scalar.powf(-0.5),
-            cache: None,
-        })
-    }
-
-    fn forward(
-        &mut self,
-        x: &Tensor,
-        cos: &Tensor,
-        sin: &Tensor,
-        mask: Option<&Tensor>,
-    ) -> candle_core::Result<Tensor> {
-        let (b, n, _) = x.dims3()?;
-        let split = |t: Tensor, heads: usize| -> candle_core::Result<Tensor> {
-            t.reshape((b, n, heads, self.head_dim))?.transpose(1, 2)
-        };
-        let q = split(x.apply(&self.q)?, self.heads)?.apply(&self.q_norm)?;
-        let k = split(x.apply(&self.k)?, self.kv_heads)?.apply(&self.k_norm)?;
-        let v = split(x.apply(&self.v)?, self.kv_heads)?.contiguous()?;
-        let q = candle_nn::rotary_emb::rope(&q.contiguous()?, cos, sin)?;
-        let k = candle_nn::rotary_emb::rope(&k.contiguous()?, cos, sin)?;
-        let (k, v) = match &self.cache {
-            None => (k, v),
-            Some((pk, pv)) => (Tensor::cat(&[pk, &k], 2)?, Tensor::cat(&[pv, &v], 2)?),
-        };
-        self.cache = Some((k.clone(), v.clone()));
-        let groups = self.heads / self.kv_heads;
-        let k = candle_transformers::utils::repeat_kv(k, groups)?.contiguous()?;
-        let v = candle_transformers::utils::repeat_kv(v, groups)?.contiguous()?;
-        let mut w = (q.matmul(&k.t()?)? * self.scale)?;
-        if let Some(m) = mask {
-            w = w.broadcast_add(m)?;
-        }
-        // softmax in f32, as transformers' eager attention computes it
-        let dtype = w.dtype();
-        let w = candle_nn::ops::softmax_last_dim(&w.to_dtype(DType::F32)?)?.to_dtype(dtype)?;
-        w.matmul(&v)?
-            .transpose(1, 2)?
-            .reshape((b, n, self.heads * self.head_dim))?
-            .apply(&self.o)
-    }
-}
-
 struct DecoderLayer {
-    attn: Attention,
+    attn: Attention<RmsNorm>,
     mlp: Mlp,
     input_layernorm: RmsNorm,
     post_attention_layernorm: RmsNorm,
@@ -517,7 +449,18 @@ impl DecoderLayer {
     fn new(c: &Gemma3TextConfig, kind: LayerType, vb: VarBuilder) -> candle_core::Result<Self> {
         let norm = |name: &str| RmsNorm::new(c.hidden_size, c.rms_norm_eps, vb.pp(name));
         Ok(DecoderLayer {
-            attn: Attention::new(c, vb.pp("self_attn"))?,
+            attn: Attention::new(
+                AttentionDims {
+                    hidden_size: c.hidden_size,
+                    num_attention_heads: c.num_attention_heads,
+                    num_key_value_heads: c.num_key_value_heads,
+                    head_dim: c.head_dim,
+                    bias: c.attention_bias,
+                    scale: c.query_pre_attn_scalar.powf(-0.5),
+                },
+                vb.pp("self_attn"),
+                |vb| RmsNorm::new(c.head_dim, c.rms_norm_eps, vb),
+            )?,
             mlp: Mlp::new(c, vb.pp("mlp"))?,
             input_layernorm: norm("input_layernorm")?,
             post_attention_layernorm: norm("post_attention_layernorm")?,
@@ -948,10 +891,6 @@ pub struct Gemma3Vlm {
     info: ModelInfo,
 }
 
-fn tok_err(e: impl std::fmt::Display) -> WorkerError {
-    WorkerError::Tokenizer(e.to_string())
-}
-
 impl Gemma3Vlm {
     /// Loads a folder or Hub id (see [`crate::encoders::hf::resolve`]).
     pub fn load(spec: &str, sampling: SamplingConfig, device: &Device) -> Result<Self> {
@@ -998,22 +937,8 @@ impl Gemma3Vlm {
         let cfg = Gemma3Config::from_hf(&cfg_file)?;
         // the image processor: preprocessor_config.json (the Hub's layout) or
         // processor_config.json's "image_processor" (what transformers 5 saves)
-        let (pre, seq_len) = if dir.join("preprocessor_config.json").exists()
-            || !dir.join("processor_config.json").exists()
-        {
-            let pre = ConfigReader::read(dir, "preprocessor_config.json")?;
-            let n = pre.opt_usize("image_seq_length")?;
-            (pre, n)
-        } else {
-            let p = ConfigReader::read(dir, "processor_config.json")?;
-            if !p.value()["image_processor"].is_object() {
-                return Err(p.error(
-                    "no image_processor object (and the folder has no preprocessor_config.json)"
-                        .into(),
-                ));
-            }
-            (p.sub("image_processor")?, p.opt_usize("image_seq_length")?)
-        };
+        let (pre, file) = image_processor_config(dir)?;
+        let seq_len = file.opt_usize("image_seq_length")?;
         if pre.bool("do_pan_and_scan", false)? {
             return Err(pre.error(
                 "do_pan_and_scan = true is not supported (mirgen resizes each image to one crop)"
@@ -1052,15 +977,6 @@ impl Gemma3Vlm {
         )?;
         let tc = tokenizer_config(dir)?;
         let tok_file = dir.join("tokenizer.json");
-        let token_of = |id: u32, what: &str| -> Result<String> {
-            tokenizer.id_to_token(id).ok_or_else(|| {
-                hf::load_err(format!(
-                    "{}: has no token with id {id} (config.json's {what}); tokenizer and model come from \
-                     different checkpoints",
-                    tok_file.display()
-                ))
-            })
-        };
         let bos = special_token(&tc, "bos_token").unwrap_or_else(|| "<bos>".into());
         if tokenizer.token_to_id(&bos).is_none() {
             return Err(hf::load_err(format!(
@@ -1070,20 +986,14 @@ impl Gemma3Vlm {
         }
         let format = PromptFormat {
             bos,
-            boi: token_of(cfg.boi_token_id, "boi_token_index")?,
-            eoi: token_of(cfg.eoi_token_id, "eoi_token_index")?,
-            image_token: token_of(cfg.image_token_id, "image_token_index")?,
+            boi: token_of(&tokenizer, dir, cfg.boi_token_id, "boi_token_index")?,
+            eoi: token_of(&tokenizer, dir, cfg.eoi_token_id, "eoi_token_index")?,
+            image_token: token_of(&tokenizer, dir, cfg.image_token_id, "image_token_index")?,
             mm_tokens_per_image: cfg.mm_tokens_per_image,
         };
         // stop ids: generation_config.json, else config.json + <end_of_turn>;
         // top_k as transformers merges it into a sampling call (Gemma 3: 64)
-        let mut stop_ids = Vec::new();
-        let mut top_k = None;
-        if dir.join("generation_config.json").exists() {
-            let g = ConfigReader::read(dir, "generation_config.json")?;
-            stop_ids = id_list(&g, "eos_token_id")?;
-            top_k = g.opt_usize("top_k")?.filter(|&k| k > 0);
-        }
+        let (mut stop_ids, top_k) = generation_config(dir)?;
         if stop_ids.is_empty() {
             stop_ids = cfg.eos_token_ids.clone();
             if let Some(id) = tokenizer.token_to_id("<end_of_turn>") {
@@ -1165,12 +1075,10 @@ impl Gemma3Vlm {
         prompt: &str,
         n_images: usize,
     ) -> Result<Vec<u32>> {
-        let text = self.format.render(system, prompt, n_images);
-        let enc = self
-            .tokenizer
-            .encode(text.as_str(), false)
-            .map_err(tok_err)?;
-        Ok(enc.get_ids().to_vec())
+        prompt_token_ids(
+            &self.tokenizer,
+            &self.format.render(system, prompt, n_images),
+        )
     }
 
     /// Preprocessed pixel values (N, 3, H, W) of the images.
@@ -1251,9 +1159,7 @@ impl Gemma3Vlm {
         let token_ids = self.generate_ids(&ids, pixels.as_ref(), req.max_new_tokens, req.seed);
         // free the KV cache between requests
         self.model.text().clear_cache();
-        let token_ids = token_ids?;
-        let text = self.tokenizer.decode(&token_ids, true).map_err(tok_err)?;
-        Ok(VlmOutput { text, token_ids })
+        vlm_output(&self.tokenizer, token_ids)
     }
 }
 

@@ -9,5 +9,6 @@
 
 pub mod gemma3;
 pub mod qwen3vl;
+mod shared;
 
 pub use gemma3::{load_vlm, resolve_vlm, Gemma3Vlm};

@@ -58,6 +58,10 @@ use crate::encoders::hf::{
 use crate::encoders::layers::Act;
 use crate::encoders::pil_resize::{self, Filter};
 use crate::vlms::gemma3::{decode, id_list, resolve_vlm};
+use crate::vlms::shared::{
+    generation_config, image_processor_config, prompt_token_ids, token_of, vlm_output, Attention,
+    AttentionDims,
+};
 use crate::{ModelInfo, Result, RgbImage, SamplingConfig, Vlm, VlmOutput, VlmRequest, WorkerError};
 
 // ------------------------------------------------------------------ config
@@ -865,75 +869,8 @@ impl Module for RmsNorm {
     }
 }
 
-struct Attention {
-    q: Linear,
-    k: Linear,
-    v: Linear,
-    o: Linear,
-    q_norm: RmsNorm,
-    k_norm: RmsNorm,
-    heads: usize,
-    kv_heads: usize,
-    head_dim: usize,
-    cache: Option<(Tensor, Tensor)>,
-}
-
-impl Attention {
-    fn new(c: &Qwen3VlTextConfig, vb: VarBuilder) -> candle_core::Result<Self> {
-        let (h, d, b) = (c.hidden_size, c.head_dim, c.attention_bias);
-        Ok(Attention {
-            q: linear_b(h, c.num_attention_heads * d, b, vb.pp("q_proj"))?,
-            k: linear_b(h, c.num_key_value_heads * d, b, vb.pp("k_proj"))?,
-            v: linear_b(h, c.num_key_value_heads * d, b, vb.pp("v_proj"))?,
-            o: linear_b(c.num_attention_heads * d, h, b, vb.pp("o_proj"))?,
-            q_norm: RmsNorm::new(d, c.rms_norm_eps, vb.pp("q_norm"))?,
-            k_norm: RmsNorm::new(d, c.rms_norm_eps, vb.pp("k_norm"))?,
-            heads: c.num_attention_heads,
-            kv_heads: c.num_key_value_heads,
-            head_dim: d,
-            cache: None,
-        })
-    }
-
-    fn forward(
-        &mut self,
-        x: &Tensor,
-        cos: &Tensor,
-        sin: &Tensor,
-        mask: Option<&Tensor>,
-    ) -> candle_core::Result<Tensor> {
-        let (b, n, _) = x.dims3()?;
-        let split = |t: Tensor, heads: usize| -> candle_core::Result<Tensor> {
-            t.reshape((b, n, heads, self.head_dim))?.transpose(1, 2)
-        };
-        let q = split(x.apply(&self.q)?, self.heads)?.apply(&self.q_norm)?;
-        let k = split(x.apply(&self.k)?, self.kv_heads)?.apply(&self.k_norm)?;
-        let v = split(x.apply(&self.v)?, self.kv_heads)?.contiguous()?;
-        let q = candle_nn::rotary_emb::rope(&q.contiguous()?, cos, sin)?;
-        let k = candle_nn::rotary_emb::rope(&k.contiguous()?, cos, sin)?;
-        let (k, v) = match &self.cache {
-            None => (k, v),
-            Some((pk, pv)) => (Tensor::cat(&[pk, &k], 2)?, Tensor::cat(&[pv, &v], 2)?),
-        };
-        self.cache = Some((k.clone(), v.clone()));
-        let groups = self.heads / self.kv_heads;
-        let k = candle_transformers::utils::repeat_kv(k, groups)?.contiguous()?;
-        let v = candle_transformers::utils::repeat_kv(v, groups)?.contiguous()?;
-        let mut w = (q.matmul(&k.t()?)? * (self.head_dim as f64).powf(-0.5))?;
-        if let Some(m) = mask {
-            w = w.broadcast_add(m)?;
-        }
-        let dtype = w.dtype();
-        let w = candle_nn::ops::softmax_last_dim(&w.to_dtype(DType::F32)?)?.to_dtype(dtype)?;
-        w.matmul(&v)?
-            .transpose(1, 2)?
-            .reshape((b, n, self.heads * self.head_dim))?
-            .apply(&self.o)
-    }
-}
-
 struct DecoderLayer {
-    attn: Attention,
+    attn: Attention<RmsNorm>,
     gate: Linear,
     up: Linear,
     down: Linear,
@@ -946,7 +883,18 @@ impl DecoderLayer {
     fn new(c: &Qwen3VlTextConfig, vb: VarBuilder) -> candle_core::Result<Self> {
         let (h, i) = (c.hidden_size, c.intermediate_size);
         Ok(DecoderLayer {
-            attn: Attention::new(c, vb.pp("self_attn"))?,
+            attn: Attention::new(
+                AttentionDims {
+                    hidden_size: c.hidden_size,
+                    num_attention_heads: c.num_attention_heads,
+                    num_key_value_heads: c.num_key_value_heads,
+                    head_dim: c.head_dim,
+                    bias: c.attention_bias,
+                    scale: (c.head_dim as f64).powf(-0.5),
+                },
+                vb.pp("self_attn"),
+                |vb| RmsNorm::new(c.head_dim, c.rms_norm_eps, vb),
+            )?,
             gate: linear_b(h, i, false, vb.pp("mlp").pp("gate_proj"))?,
             up: linear_b(h, i, false, vb.pp("mlp").pp("up_proj"))?,
             down: linear_b(i, h, false, vb.pp("mlp").pp("down_proj"))?,
@@ -1335,10 +1283,6 @@ pub struct Qwen3VlVlm {
     info: ModelInfo,
 }
 
-fn tok_err(e: impl std::fmt::Display) -> WorkerError {
-    WorkerError::Tokenizer(e.to_string())
-}
-
 impl Qwen3VlVlm {
     /// Loads a folder or Hub id (see [`crate::encoders::hf::resolve`]).
     pub fn load(spec: &str, sampling: SamplingConfig, device: &Device) -> Result<Self> {
@@ -1363,20 +1307,7 @@ impl Qwen3VlVlm {
             }
         }
         let cfg = Qwen3VlConfig::from_hf(&cfg_file)?;
-        let pre = if dir.join("preprocessor_config.json").exists()
-            || !dir.join("processor_config.json").exists()
-        {
-            ConfigReader::read(dir, "preprocessor_config.json")?
-        } else {
-            let p = ConfigReader::read(dir, "processor_config.json")?;
-            if !p.value()["image_processor"].is_object() {
-                return Err(p.error(
-                    "no image_processor object (and the folder has no preprocessor_config.json)"
-                        .into(),
-                ));
-            }
-            p.sub("image_processor")?
-        };
+        let (pre, _) = image_processor_config(dir)?;
         let processor = Qwen3VlImageProcessor::from_hf(&pre)?;
         let v = &cfg.vision;
         if (
@@ -1398,19 +1329,20 @@ impl Qwen3VlVlm {
         }
         let tokenizer = load_tokenizer(dir, cfg.text.vocab_size)?;
         let tok_file = dir.join("tokenizer.json");
-        let token_of = |id: u32, what: &str| -> Result<String> {
-            tokenizer.id_to_token(id).ok_or_else(|| {
-                hf::load_err(format!(
-                    "{}: has no token with id {id} (config.json's {what}); tokenizer and model come from \
-                     different checkpoints",
-                    tok_file.display()
-                ))
-            })
-        };
         let format = PromptFormat {
-            vision_start: token_of(cfg.vision_start_token_id, "vision_start_token_id")?,
-            vision_end: token_of(cfg.vision_end_token_id, "vision_end_token_id")?,
-            image_token: token_of(cfg.image_token_id, "image_token_id")?,
+            vision_start: token_of(
+                &tokenizer,
+                dir,
+                cfg.vision_start_token_id,
+                "vision_start_token_id",
+            )?,
+            vision_end: token_of(
+                &tokenizer,
+                dir,
+                cfg.vision_end_token_id,
+                "vision_end_token_id",
+            )?,
+            image_token: token_of(&tokenizer, dir, cfg.image_token_id, "image_token_id")?,
         };
         for t in ["<|im_start|>", "<|im_end|>"] {
             if tokenizer.token_to_id(t).is_none() {
@@ -1420,13 +1352,7 @@ impl Qwen3VlVlm {
                 )));
             }
         }
-        let mut stop_ids = Vec::new();
-        let mut top_k = None;
-        if dir.join("generation_config.json").exists() {
-            let g = ConfigReader::read(dir, "generation_config.json")?;
-            stop_ids = id_list(&g, "eos_token_id")?;
-            top_k = g.opt_usize("top_k")?.filter(|&k| k > 0);
-        }
+        let (mut stop_ids, top_k) = generation_config(dir)?;
         if stop_ids.is_empty() {
             stop_ids = cfg.eos_token_ids.clone();
             if let Some(id) = tokenizer.token_to_id("<|im_end|>") {
@@ -1513,12 +1439,7 @@ impl Qwen3VlVlm {
         grids: &[[usize; 3]],
     ) -> Result<Vec<u32>> {
         let n: Vec<usize> = grids.iter().map(|g| self.tokens_of(g)).collect();
-        let text = self.format.render(system, prompt, &n);
-        let enc = self
-            .tokenizer
-            .encode(text.as_str(), false)
-            .map_err(tok_err)?;
-        Ok(enc.get_ids().to_vec())
+        prompt_token_ids(&self.tokenizer, &self.format.render(system, prompt, &n))
     }
 
     /// The processor's `pixel_values` (patches, patch_dim) and `image_grid_thw`.
@@ -1603,9 +1524,7 @@ impl Qwen3VlVlm {
         let px = pixels.as_ref().map(|p| (p, grids.as_slice()));
         let token_ids = self.generate_ids(&ids, px, req.max_new_tokens, req.seed);
         self.model.text().clear_cache();
-        let token_ids = token_ids?;
-        let text = self.tokenizer.decode(&token_ids, true).map_err(tok_err)?;
-        Ok(VlmOutput { text, token_ids })
+        vlm_output(&self.tokenizer, token_ids)
     }
 }
 
