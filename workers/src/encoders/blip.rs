@@ -33,7 +33,7 @@ use super::hf::{
     load_tokenizer, model_max_length, resolve, rows_normalized, text_max_len, tokenizer_config,
     truncate_unpadded, var_builder, weights_err, ConfigReader, TextSpec,
 };
-use super::layers::{Act, Mlp, TowerConfig};
+use super::layers::{patch_embedding, Act, Mlp, TowerConfig};
 use crate::preprocess::ImageProcessor;
 use crate::{Embedder, ModelInfo, Result, RgbImage};
 
@@ -221,18 +221,14 @@ impl VisionTower {
         let h = c.hidden_size;
         let ve = vb.pp("embeddings");
         let num_patches = (g.image_size / g.patch_size).pow(2);
-        let conv = candle_nn::Conv2dConfig {
-            stride: g.patch_size,
-            ..Default::default()
-        };
         let lv = vb.pp("encoder").pp("layers");
         Ok(VisionTower {
             class_embedding: ve.get((1, 1, h), "class_embedding")?,
-            patch_embedding: candle_nn::conv2d(
+            patch_embedding: patch_embedding(
                 g.num_channels,
                 h,
                 g.patch_size,
-                conv,
+                true,
                 ve.pp("patch_embedding"),
             )?,
             position_embedding: ve.get((1, num_patches + 1, h), "position_embedding")?,

@@ -15,7 +15,7 @@ use candle_core::{DType, IndexOp, Tensor};
 use candle_nn::{layer_norm, linear_no_bias, LayerNorm, Linear, VarBuilder};
 
 use super::hf::ConfigReader;
-use super::layers::{causal_mask, Encoder, TextTransformer, TowerConfig};
+use super::layers::{causal_mask, patch_embedding, Encoder, TextTransformer, TowerConfig};
 use crate::Result;
 
 /// The parts of a transformers `CLIPConfig` the forward pass needs.
@@ -77,17 +77,13 @@ impl ClipModel {
         let vv = vb.pp("vision_model");
         let ve = vv.pp("embeddings");
         let num_patches = (cfg.image_size / cfg.patch_size).pow(2);
-        let conv = candle_nn::Conv2dConfig {
-            stride: cfg.patch_size,
-            ..Default::default()
-        };
         let vision = VisionTower {
             class_embedding: ve.get(vc.hidden_size, "class_embedding")?,
-            patch_embedding: candle_nn::conv2d_no_bias(
+            patch_embedding: patch_embedding(
                 cfg.num_channels,
                 vc.hidden_size,
                 cfg.patch_size,
-                conv,
+                false,
                 ve.pp("patch_embedding"),
             )?,
             position_embedding: ve

@@ -243,3 +243,24 @@ impl TextTransformer {
             .apply(&self.final_layer_norm)
     }
 }
+
+/// A ViT patch embedding (`embeddings.patch_embedding`): a `patch_size`
+/// convolution with stride `patch_size`, with a bias (SigLIP, BLIP) or
+/// without (CLIP).
+pub fn patch_embedding(
+    in_channels: usize,
+    hidden_size: usize,
+    patch_size: usize,
+    bias: bool,
+    vb: VarBuilder,
+) -> Result<candle_nn::Conv2d> {
+    let conv = candle_nn::Conv2dConfig {
+        stride: patch_size,
+        ..Default::default()
+    };
+    if bias {
+        candle_nn::conv2d(in_channels, hidden_size, patch_size, conv, vb)
+    } else {
+        candle_nn::conv2d_no_bias(in_channels, hidden_size, patch_size, conv, vb)
+    }
+}

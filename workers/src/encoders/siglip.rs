@@ -14,7 +14,7 @@ use candle_core::{IndexOp, Tensor};
 use candle_nn::{layer_norm, linear, LayerNorm, Linear, VarBuilder};
 
 use super::hf::ConfigReader;
-use super::layers::{Encoder, Mlp, TextTransformer, TowerConfig};
+use super::layers::{patch_embedding, Encoder, Mlp, TextTransformer, TowerConfig};
 use crate::Result;
 
 /// The parts of a transformers `SiglipConfig` the forward pass needs.
@@ -140,16 +140,12 @@ impl SiglipModel {
         let vv = vb.pp("vision_model");
         let ve = vv.pp("embeddings");
         let num_patches = (cfg.image_size / cfg.patch_size).pow(2);
-        let conv = candle_nn::Conv2dConfig {
-            stride: cfg.patch_size,
-            ..Default::default()
-        };
         let vision = VisionTower {
-            patch_embedding: candle_nn::conv2d(
+            patch_embedding: patch_embedding(
                 cfg.num_channels,
                 vc.hidden_size,
                 cfg.patch_size,
-                conv,
+                true,
                 ve.pp("patch_embedding"),
             )?,
             position_embedding: ve
