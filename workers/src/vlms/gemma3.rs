@@ -48,8 +48,8 @@ use crate::encoders::layers::{Act, Encoder, TowerConfig};
 use crate::preprocess::{ImageProcessor, ResizeTo};
 use crate::sampling::Sampler;
 use crate::vlms::shared::{
-    generation_config, image_processor_config, prompt_token_ids, token_of, vlm_output, Attention,
-    AttentionDims,
+    decode_cached, generation_config, image_processor_config, prompt_token_ids, token_of,
+    vlm_output, Attention, AttentionDims, CachedDecoder,
 };
 use crate::{ModelInfo, Result, RgbImage, SamplingConfig, Vlm, VlmOutput, VlmRequest, WorkerError};
 
@@ -838,6 +838,20 @@ impl Gemma3Model {
     }
 }
 
+impl CachedDecoder for Gemma3Model {
+    fn max_positions(&self) -> usize {
+        self.cfg.text.max_position_embeddings
+    }
+
+    fn cache_len(&self) -> usize {
+        self.text.seq_len()
+    }
+
+    fn decode_step(&mut self, token: u32) -> candle_core::Result<Tensor> {
+        self.step(token)
+    }
+}
+
 // ------------------------------------------------------------------ the VLM
 
 /// The chat-template strings of `Gemma3Processor`.
@@ -1129,8 +1143,8 @@ impl Gemma3Vlm {
             return Ok(Vec::new());
         }
         let logits = self.prefill(ids, pixel_values)?;
-        let max_pos = self.model.cfg.text.max_position_embeddings;
-        decode(
+        decode_cached(
+            &mut self.model,
             logits,
             ids,
             &self.sampling,
@@ -1138,13 +1152,6 @@ impl Gemma3Vlm {
             &self.stop_ids,
             max_new_tokens,
             seed,
-            |token| {
-                Ok(if self.model.text.seq_len() >= max_pos {
-                    None
-                } else {
-                    Some(self.model.step(token)?)
-                })
-            },
         )
     }
 

@@ -57,10 +57,10 @@ use crate::encoders::hf::{
 };
 use crate::encoders::layers::Act;
 use crate::encoders::pil_resize::{self, Filter};
-use crate::vlms::gemma3::{decode, id_list, resolve_vlm};
+use crate::vlms::gemma3::{id_list, resolve_vlm};
 use crate::vlms::shared::{
-    generation_config, image_processor_config, prompt_token_ids, token_of, vlm_output, Attention,
-    AttentionDims,
+    decode_cached, generation_config, image_processor_config, prompt_token_ids, token_of,
+    vlm_output, Attention, AttentionDims, CachedDecoder,
 };
 use crate::{ModelInfo, Result, RgbImage, SamplingConfig, Vlm, VlmOutput, VlmRequest, WorkerError};
 
@@ -1236,6 +1236,20 @@ impl Qwen3VlModel {
     }
 }
 
+impl CachedDecoder for Qwen3VlModel {
+    fn max_positions(&self) -> usize {
+        self.cfg.text.max_position_embeddings
+    }
+
+    fn cache_len(&self) -> usize {
+        self.text.seq_len()
+    }
+
+    fn decode_step(&mut self, token: u32) -> candle_core::Result<Tensor> {
+        self.step(token)
+    }
+}
+
 // ------------------------------------------------------------------ the VLM
 
 /// The chat-template strings of `Qwen3VLProcessor`.
@@ -1493,8 +1507,8 @@ impl Qwen3VlVlm {
             return Ok(Vec::new());
         }
         let logits = self.prefill(ids, pixels)?;
-        let max_pos = self.model.cfg.text.max_position_embeddings;
-        decode(
+        decode_cached(
+            &mut self.model,
             logits,
             ids,
             &self.sampling,
@@ -1502,13 +1516,6 @@ impl Qwen3VlVlm {
             &self.stop_ids,
             max_new_tokens,
             seed,
-            |token| {
-                Ok(if self.model.text.seq_len() >= max_pos {
-                    None
-                } else {
-                    Some(self.model.step(token)?)
-                })
-            },
         )
     }
 

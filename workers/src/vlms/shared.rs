@@ -10,8 +10,8 @@ use candle_nn::{linear_b, Linear, VarBuilder};
 use tokenizers::Tokenizer;
 
 use crate::encoders::hf::{self, ConfigReader};
-use crate::vlms::gemma3::id_list;
-use crate::{Result, VlmOutput, WorkerError};
+use crate::vlms::gemma3::{decode, id_list};
+use crate::{Result, SamplingConfig, VlmOutput, WorkerError};
 
 /// A tokenizer error as a [`WorkerError`].
 pub(super) fn tok_err(e: impl std::fmt::Display) -> WorkerError {
@@ -75,6 +75,50 @@ pub(super) fn vlm_output(tokenizer: &Tokenizer, token_ids: Result<Vec<u32>>) -> 
     let token_ids = token_ids?;
     let text = tokenizer.decode(&token_ids, true).map_err(tok_err)?;
     Ok(VlmOutput { text, token_ids })
+}
+
+/// A VLM whose text decoder holds one sequence's KV cache, stepped one
+/// token at a time after the prefill.
+pub(super) trait CachedDecoder {
+    /// `max_position_embeddings` of the text decoder.
+    fn max_positions(&self) -> usize;
+    /// Positions in the KV cache.
+    fn cache_len(&self) -> usize;
+    /// One decoding step: the logits after `token` (vocab,).
+    fn decode_step(&mut self, token: u32) -> candle_core::Result<Tensor>;
+}
+
+/// [`decode`] after the prompt's `logits`, stepping `model` until a stop
+/// id, `max_new_tokens`, or a full context (the cache at
+/// `max_position_embeddings`).
+#[allow(clippy::too_many_arguments)]
+pub(super) fn decode_cached(
+    model: &mut impl CachedDecoder,
+    logits: Tensor,
+    prompt: &[u32],
+    sampling: &SamplingConfig,
+    top_k: Option<usize>,
+    stop_ids: &[u32],
+    max_new_tokens: usize,
+    seed: u64,
+) -> Result<Vec<u32>> {
+    let max_pos = model.max_positions();
+    decode(
+        logits,
+        prompt,
+        sampling,
+        top_k,
+        stop_ids,
+        max_new_tokens,
+        seed,
+        |token| {
+            Ok(if model.cache_len() >= max_pos {
+                None
+            } else {
+                Some(model.decode_step(token)?)
+            })
+        },
+    )
 }
 
 /// Sizes of a decoder's [`Attention`].
