@@ -58,6 +58,14 @@ impl Golden {
     pub fn run(&self, run: &str) -> &serde_json::Value {
         &self.meta["runs"][run]
     }
+    /// The prompt ids of the VLM case `case`.
+    pub fn input_ids(&self, case: &str) -> Vec<u32> {
+        self.get(&format!("{case}.input_ids"))
+            .to_dtype(DType::U32)
+            .unwrap()
+            .to_vec1()
+            .unwrap()
+    }
     /// The VLM prompts of `golden.json`'s `cases`.
     pub fn cases(&self) -> Vec<Case> {
         let ids = |v: &serde_json::Value| -> Vec<u32> {
@@ -281,4 +289,19 @@ pub fn check_generated_image(
         .unwrap_err()
         .to_string();
     assert!(err.contains("init_latents"), "{err}");
+}
+
+/// Rewrites the JSON file `path` after `f` edited its value.
+pub fn edit_json(path: &Path, f: impl FnOnce(&mut serde_json::Value)) {
+    let mut v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    f(&mut v);
+    std::fs::write(path, serde_json::to_string_pretty(&v).unwrap()).unwrap();
+}
+
+/// Cuts the file `path` to its first half; returns its former bytes.
+pub fn truncate_half(path: &Path) -> Vec<u8> {
+    let bytes = std::fs::read(path).unwrap();
+    std::fs::write(path, &bytes[..bytes.len() / 2]).unwrap();
+    bytes
 }
