@@ -305,3 +305,8 @@ pub fn truncate_half(path: &Path) -> Vec<u8> {
     std::fs::write(path, &bytes[..bytes.len() / 2]).unwrap();
     bytes
 }
+
+/// Asserts that the message `e` contains each of `parts`.
+pub fn assert_contains_all(e: &str, parts: &[&str]) {
+    assert!(parts.iter().all(|p| e.contains(p)), "{e}");
+}
