@@ -15,8 +15,8 @@ use mirgen_workers::generators::{load_generator, FluxGenerator, FluxPipeline};
 
 mod common;
 use common::{
-    broken_copy, check, check_generated_image, copy_dir, fixture_dir, load_err, rel_err,
-    replace_in, Golden,
+    assert_contains_all, broken_copy, check, check_generated_image, copy_dir, fixture_dir,
+    load_err, rel_err, replace_in, replacing, Golden,
 };
 
 fn fixture() -> PathBuf {
@@ -206,45 +206,30 @@ fn load_error(edit: impl FnOnce(&Path)) -> String {
 #[test]
 fn load_errors_name_the_missing_part() {
     let e = load_error(|p| std::fs::remove_dir_all(p.join("text_encoder_2")).unwrap());
-    assert!(
-        e.contains("text_encoder_2") && e.contains("sub-folder"),
-        "{e}"
-    );
+    assert_contains_all(&e, &["text_encoder_2", "sub-folder"]);
     let e = load_error(|p| std::fs::remove_file(p.join("tokenizer_2/tokenizer.json")).unwrap());
     assert!(e.contains("tokenizer.json"), "{e}");
     let e = load_error(|p| {
         std::fs::remove_file(p.join("transformer/diffusion_pytorch_model.safetensors")).unwrap()
     });
-    assert!(
-        e.contains("transformer") && e.contains("diffusion_pytorch_model.safetensors"),
-        "{e}"
-    );
-    let e = load_error(|p| {
-        replace_in(
-            p,
-            "transformer/config.json",
-            "\"joint_attention_dim\": 32",
-            "\"joint_attention_dim\": 48",
-        )
-    });
+    assert_contains_all(&e, &["transformer", "diffusion_pytorch_model.safetensors"]);
+    let e = load_error(replacing(
+        "transformer/config.json",
+        "\"joint_attention_dim\": 32",
+        "\"joint_attention_dim\": 48",
+    ));
     assert!(e.contains("joint_attention_dim"), "{e}");
-    let e = load_error(|p| {
-        replace_in(
-            p,
-            "scheduler/scheduler_config.json",
-            "\"stochastic_sampling\": false",
-            "\"stochastic_sampling\": true",
-        )
-    });
+    let e = load_error(replacing(
+        "scheduler/scheduler_config.json",
+        "\"stochastic_sampling\": false",
+        "\"stochastic_sampling\": true",
+    ));
     assert!(e.contains("stochastic_sampling"), "{e}");
-    let e = load_error(|p| {
-        replace_in(
-            p,
-            "transformer/config.json",
-            "\"axes_dims_rope\": [\n    4,",
-            "\"axes_dims_rope\": [\n    6,",
-        )
-    });
+    let e = load_error(replacing(
+        "transformer/config.json",
+        "\"axes_dims_rope\": [\n    4,",
+        "\"axes_dims_rope\": [\n    6,",
+    ));
     assert!(e.contains("axes_dims_rope"), "{e}");
 }
 

@@ -16,7 +16,8 @@ use mirgen_workers::GenerateRequest;
 
 mod common;
 use common::{
-    check, fixture_dir, load_err, rel_err, replace_in, u8_differing, u8_max_diff, Golden,
+    assert_contains_all, check, fixture_dir, load_err, rel_err, replacing, u8_differing,
+    u8_max_diff, Golden,
 };
 
 fn fixture() -> PathBuf {
@@ -276,7 +277,7 @@ fn load_error(dir: &Path) -> String {
 fn load_errors_name_the_missing_part() {
     let d = broken_copy(|p| std::fs::remove_dir_all(p.join("unet")).unwrap());
     let e = load_error(d.path());
-    assert!(e.contains("unet") && e.contains("sub-folder"), "{e}");
+    assert_contains_all(&e, &["unet", "sub-folder"]);
 
     let d = broken_copy(|p| std::fs::remove_file(p.join("model_index.json")).unwrap());
     let e = load_error(d.path());
@@ -286,34 +287,25 @@ fn load_errors_name_the_missing_part() {
         std::fs::remove_file(p.join("vae/diffusion_pytorch_model.safetensors")).unwrap()
     });
     let e = load_error(d.path());
-    assert!(
-        e.contains("vae") && e.contains("diffusion_pytorch_model.safetensors"),
-        "{e}"
-    );
+    assert_contains_all(&e, &["vae", "diffusion_pytorch_model.safetensors"]);
 
     let d = broken_copy(|p| std::fs::remove_file(p.join("tokenizer/merges.txt")).unwrap());
     let e = load_error(d.path());
     assert!(e.contains("merges.txt"), "{e}");
 
-    let d = broken_copy(|p| {
-        replace_in(
-            p,
-            "scheduler/scheduler_config.json",
-            "\"use_karras_sigmas\": false",
-            "\"use_karras_sigmas\": true",
-        )
-    });
+    let d = broken_copy(replacing(
+        "scheduler/scheduler_config.json",
+        "\"use_karras_sigmas\": false",
+        "\"use_karras_sigmas\": true",
+    ));
     let e = load_error(d.path());
     assert!(e.contains("use_karras_sigmas"), "{e}");
 
-    let d = broken_copy(|p| {
-        replace_in(
-            p,
-            "unet/config.json",
-            "\"cross_attention_dim\": 32",
-            "\"cross_attention_dim\": 48",
-        )
-    });
+    let d = broken_copy(replacing(
+        "unet/config.json",
+        "\"cross_attention_dim\": 32",
+        "\"cross_attention_dim\": 48",
+    ));
     let e = load_error(d.path());
     assert!(e.contains("cross_attention_dim"), "{e}");
 }

@@ -18,8 +18,8 @@ use mirgen_workers::{RgbImage, SamplingConfig, VlmRequest};
 
 mod common;
 use common::{
-    argmax, copy_dir, fixture_dir, greedy, load_images, max_abs_diff, rel_err, strip_stop,
-    truncate_half, Golden,
+    argmax, assert_contains_all, copy_dir, fixture_dir, greedy, load_images, max_abs_diff, rel_err,
+    strip_stop, truncate_half, Golden,
 };
 
 fn fixture() -> PathBuf {
@@ -264,7 +264,7 @@ fn load_errors_name_the_file() {
         .err()
         .expect("a missing tokenizer must fail")
         .to_string();
-    assert!(e.contains("tokenizer.json") && e.contains("missing"), "{e}");
+    assert_contains_all(&e, &["tokenizer.json", "missing"]);
     std::fs::remove_dir_all(&tmp).unwrap();
 }
 
@@ -297,7 +297,7 @@ fn image_tokens_must_match_the_images() {
         .prefill(&ids, Some((&px, &grids)))
         .expect_err("8 image tokens for 2 images of 14 tokens must fail")
         .to_string();
-    assert!(e.contains("8 image tokens") && e.contains("14"), "{e}");
+    assert_contains_all(&e, &["8 image tokens", "14"]);
     let e = vlm.prefill(&ids, None).unwrap_err().to_string();
     assert!(e.contains("8 image tokens"), "{e}");
 }

@@ -16,8 +16,8 @@ use mirgen_workers::generators::{load_generator, Sd3Generator, Sd3Pipeline};
 
 mod common;
 use common::{
-    broken_copy, check, check_generated_image, copy_dir, fixture_dir, load_err, rel_err,
-    replace_in, Golden,
+    assert_contains_all, broken_copy, check, check_generated_image, copy_dir, fixture_dir,
+    load_err, rel_err, replacing, Golden,
 };
 
 fn fixture() -> PathBuf {
@@ -236,34 +236,22 @@ fn load_error(edit: impl FnOnce(&Path)) -> String {
 #[test]
 fn load_errors_name_the_problem() {
     let e = load_error(|p| std::fs::remove_dir_all(p.join("text_encoder_3")).unwrap());
-    assert!(
-        e.contains("text_encoder_3") && e.contains("sub-folder"),
-        "{e}"
-    );
+    assert_contains_all(&e, &["text_encoder_3", "sub-folder"]);
     let e = load_error(|p| {
         std::fs::remove_file(p.join("transformer/diffusion_pytorch_model.safetensors")).unwrap()
     });
-    assert!(
-        e.contains("transformer") && e.contains("diffusion_pytorch_model.safetensors"),
-        "{e}"
-    );
-    let e = load_error(|p| {
-        replace_in(
-            p,
-            "transformer/config.json",
-            "\"pooled_projection_dim\": 64",
-            "\"pooled_projection_dim\": 48",
-        )
-    });
+    assert_contains_all(&e, &["transformer", "diffusion_pytorch_model.safetensors"]);
+    let e = load_error(replacing(
+        "transformer/config.json",
+        "\"pooled_projection_dim\": 64",
+        "\"pooled_projection_dim\": 48",
+    ));
     assert!(e.contains("pooled_projection_dim"), "{e}");
-    let e = load_error(|p| {
-        replace_in(
-            p,
-            "transformer/config.json",
-            "\"dual_attention_layers\": []",
-            "\"dual_attention_layers\": [5]",
-        )
-    });
+    let e = load_error(replacing(
+        "transformer/config.json",
+        "\"dual_attention_layers\": []",
+        "\"dual_attention_layers\": [5]",
+    ));
     assert!(e.contains("dual_attention_layers"), "{e}");
 }
 

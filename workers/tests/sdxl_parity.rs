@@ -16,7 +16,9 @@ use mirgen_workers::generators::sdxl::{SdxlPipeline, SdxlText};
 use mirgen_workers::GenerateRequest;
 
 mod common;
-use common::{check, copy_dir, fixture_dir, json_f64s, rel_err, u8_differing, u8_max_diff, Golden};
+use common::{
+    check, copy_dir, fixture_dir, json_f64s, max_abs, rel_err, u8_differing, u8_max_diff, Golden,
+};
 
 fn fixture() -> PathBuf {
     fixture_dir("generators/sdxl-turbo")
@@ -85,17 +87,7 @@ fn tokenizers_and_text_encoders_match_diffusers() {
     assert!(p.force_zeros_for_empty_prompt());
     let neg = p.negative(&text).unwrap();
     assert_eq!(neg.embeds.dims(), text.embeds.dims());
-    let zero = |t: &Tensor| {
-        t.abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap()
-            == 0.0
-    };
+    let zero = |t: &Tensor| max_abs(t) == 0.0;
     assert!(zero(&neg.embeds) && zero(&neg.pooled));
     let empty = p.encode_prompt("").unwrap();
     check(

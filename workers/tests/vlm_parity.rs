@@ -18,8 +18,8 @@ use mirgen_workers::{RgbImage, SamplingConfig, Vlm, VlmRequest};
 
 mod common;
 use common::{
-    argmax, copy_dir, edit_json, fixture_dir, greedy, load_images, max_abs_diff, rel_err,
-    strip_stop, truncate_half, Golden,
+    argmax, assert_contains_all, copy_dir, edit_json, fixture_dir, greedy, load_images,
+    max_abs_diff, rel_err, strip_stop, truncate_half, Golden,
 };
 
 fn fixture() -> PathBuf {
@@ -300,15 +300,12 @@ fn load_errors_name_the_file() {
     let tmp = copy();
     std::fs::remove_file(tmp.path().join("tokenizer.json")).unwrap();
     let e = err(tmp.path());
-    assert!(e.contains("tokenizer.json") && e.contains("missing"), "{e}");
+    assert_contains_all(&e, &["tokenizer.json", "missing"]);
 
     let tmp = copy();
     truncate_half(&tmp.path().join("model.safetensors"));
     let e = err(tmp.path());
-    assert!(
-        e.contains("model.safetensors") && e.contains("truncated"),
-        "{e}"
-    );
+    assert_contains_all(&e, &["model.safetensors", "truncated"]);
 
     let tmp = copy();
     std::fs::remove_file(tmp.path().join("processor_config.json")).unwrap();
@@ -322,10 +319,7 @@ fn load_errors_name_the_file() {
     t.remove("multi_modal_projector.mm_input_projection_weight");
     candle_core::safetensors::save(&t, &w).unwrap();
     let e = err(tmp.path());
-    assert!(
-        e.contains("model.safetensors") && e.contains("mm_input_projection_weight"),
-        "{e}"
-    );
+    assert_contains_all(&e, &["model.safetensors", "mm_input_projection_weight"]);
 
     // a config that does not fit the weights
     let tmp = copy();
@@ -333,10 +327,7 @@ fn load_errors_name_the_file() {
         v["mm_tokens_per_image"] = 9.into()
     });
     let e = err(tmp.path());
-    assert!(
-        e.contains("config.json") && e.contains("mm_tokens_per_image"),
-        "{e}"
-    );
+    assert_contains_all(&e, &["config.json", "mm_tokens_per_image"]);
 
     // a vocabulary that does not fit the tokenizer (a tokenizer from another checkpoint)
     let tmp = copy();
@@ -344,10 +335,7 @@ fn load_errors_name_the_file() {
         v["text_config"]["vocab_size"] = 10.into()
     });
     let e = err(tmp.path());
-    assert!(
-        e.contains("tokenizer.json") && e.contains("vocab_size"),
-        "{e}"
-    );
+    assert_contains_all(&e, &["tokenizer.json", "vocab_size"]);
 }
 
 #[test]
@@ -470,10 +458,7 @@ fn image_token_count_must_match_the_images() {
     let mut vlm = load(greedy());
     let ids = vlm.prompt_ids(None, "Describe.", 1).unwrap();
     let e = vlm.prefill(&ids, None).unwrap_err().to_string();
-    assert!(
-        e.contains("invalid request") && e.contains("4 image tokens but 0 image(s)"),
-        "{e}"
-    );
+    assert_contains_all(&e, &["invalid request", "4 image tokens but 0 image(s)"]);
     // a prompt that spells out an image token
     let img = Arc::new(load_images(&["chelsea.png".into()]).remove(0));
     let e = vlm

@@ -149,7 +149,7 @@ pub fn strip_stop(tokens: &[u32], stop: &[u32]) -> Vec<u32> {
 }
 
 /// max |t| over all elements.
-fn max_abs(t: &Tensor) -> f32 {
+pub fn max_abs(t: &Tensor) -> f32 {
     t.abs()
         .unwrap()
         .flatten_all()
@@ -225,6 +225,11 @@ pub fn replace_in(dir: &Path, file: &str, from: &str, to: &str) {
     let s = std::fs::read_to_string(&f).unwrap();
     assert!(s.contains(from), "{file} has no {from}");
     std::fs::write(&f, s.replace(from, to)).unwrap();
+}
+
+/// A `broken_copy` edit: `replace_in(dir, file, from, to)`.
+pub fn replacing<'a>(file: &'a str, from: &'a str, to: &'a str) -> impl FnOnce(&Path) + 'a {
+    move |dir| replace_in(dir, file, from, to)
 }
 
 /// The message of a load that must fail; `what` names what was loaded.
