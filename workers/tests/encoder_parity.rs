@@ -344,6 +344,27 @@ fn error_messages_read_well() {
     );
 }
 
+/// Each image and text embeds as it does within the golden's whole batch;
+/// returns the text embeddings of the whole batch.
+fn assert_batch_independent(enc: &mut impl Embedder, g: &Golden) -> Vec<Vec<f32>> {
+    let imgs = images(g);
+    let refs: Vec<&RgbImage> = imgs.iter().collect();
+    let all = enc.embed_images(&refs).unwrap();
+    for (i, img) in refs.iter().enumerate() {
+        assert_eq!(enc.embed_images(&[*img]).unwrap()[0], all[i], "image {i}");
+    }
+    let texts = g.strings("texts");
+    let all = enc.embed_texts(&texts).unwrap();
+    for (i, t) in texts.iter().enumerate() {
+        assert_eq!(
+            enc.embed_texts(std::slice::from_ref(t)).unwrap()[0],
+            all[i],
+            "text {i}"
+        );
+    }
+    all
+}
+
 // ------------------------------------------------------------------ BLIP (ITC)
 
 use mirgen_workers::encoders::blip::BlipEmbedder;
@@ -456,21 +477,7 @@ fn blip_embeddings_match_transformers() {
 fn blip_embeddings_do_not_depend_on_the_batch() {
     let g = Golden::load("blip");
     let mut enc = blip();
-    let imgs = images(&g);
-    let refs: Vec<&RgbImage> = imgs.iter().collect();
-    let all = enc.embed_images(&refs).unwrap();
-    for (i, img) in refs.iter().enumerate() {
-        assert_eq!(enc.embed_images(&[*img]).unwrap()[0], all[i], "image {i}");
-    }
-    let texts = g.strings("texts");
-    let all = enc.embed_texts(&texts).unwrap();
-    for (i, t) in texts.iter().enumerate() {
-        assert_eq!(
-            enc.embed_texts(std::slice::from_ref(t)).unwrap()[0],
-            all[i],
-            "text {i}"
-        );
-    }
+    let all = assert_batch_independent(&mut enc, &g);
     // padding with a mask leaves an embedding (nearly) unchanged
     let padded = enc
         .embed_token_ids(
@@ -713,21 +720,7 @@ fn blip2_padding_with_the_mask_does_not_change_text_embeddings() {
 fn blip2_embeddings_do_not_depend_on_the_batch() {
     let g = Golden::load("blip2");
     let mut enc = blip2();
-    let imgs = images(&g);
-    let refs: Vec<&RgbImage> = imgs.iter().collect();
-    let all = enc.embed_images(&refs).unwrap();
-    for (i, img) in refs.iter().enumerate() {
-        assert_eq!(enc.embed_images(&[*img]).unwrap()[0], all[i], "image {i}");
-    }
-    let texts = g.strings("texts");
-    let all = enc.embed_texts(&texts).unwrap();
-    for (i, t) in texts.iter().enumerate() {
-        assert_eq!(
-            enc.embed_texts(std::slice::from_ref(t)).unwrap()[0],
-            all[i],
-            "text {i}"
-        );
-    }
+    assert_batch_independent(&mut enc, &g);
 }
 
 #[test]
