@@ -4,37 +4,30 @@
 //! preprocessing (pixel values), tokenization (ids), image and text
 //! embeddings, batch independence, and the loader's error messages.
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device};
 use mirgen_workers::encoders::{load_embedder, HfEmbedder};
 use mirgen_workers::preprocess::to_rgb;
 use mirgen_workers::{Embedder, RgbImage};
+
+mod common;
+use common::{
+    assert_contains_all, copy_dir, edit_json, fixture_dir, load_err, max_abs_diff, truncate_half,
+    Golden,
+};
 
 fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
 }
 
 fn fixture(arch: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures/encoders")
-        .join(arch)
-}
-
-struct Golden {
-    t: HashMap<String, Tensor>,
-    meta: serde_json::Value,
+    fixture_dir("encoders").join(arch)
 }
 
 impl Golden {
     fn load(arch: &str) -> Golden {
-        let dir = fixture(arch);
-        let t =
-            candle_core::safetensors::load(dir.join("golden.safetensors"), &Device::Cpu).unwrap();
-        let meta = serde_json::from_str(&std::fs::read_to_string(dir.join("golden.json")).unwrap())
-            .unwrap();
-        Golden { t, meta }
+        Golden::load_from(&fixture(arch))
     }
     fn strings(&self, key: &str) -> Vec<String> {
         self.meta[key]
@@ -47,7 +40,7 @@ impl Golden {
     fn rows(&self, key: &str) -> Vec<Vec<f32>> {
         self.t[key].to_vec2::<f32>().unwrap()
     }
-    fn ids(&self) -> Vec<Vec<u32>> {
+    fn id_rows(&self) -> Vec<Vec<u32>> {
         let ids = self.t["input_ids"].to_dtype(DType::U32).unwrap();
         ids.to_vec2::<u32>().unwrap()
     }
@@ -66,19 +59,6 @@ fn rel_err(ours: &[Vec<f32>], reference: &[Vec<f32>]) -> f32 {
         }
     }
     diff / scale
-}
-
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
 }
 
 fn images(g: &Golden) -> Vec<RgbImage> {
@@ -119,7 +99,7 @@ fn check(arch: &str) {
     );
 
     // tokenization
-    let ids = g.ids();
+    let ids = g.id_rows();
     let mask = g.t["attention_mask"]
         .to_dtype(DType::U32)
         .unwrap()
@@ -247,25 +227,22 @@ fn jpeg_decoding_is_close_to_pillow() {
 
 fn copy_fixture(arch: &str) -> tempfile::TempDir {
     let tmp = tempfile::tempdir().unwrap();
-    for entry in std::fs::read_dir(fixture(arch)).unwrap() {
-        let p = entry.unwrap().path();
-        std::fs::copy(&p, tmp.path().join(p.file_name().unwrap())).unwrap();
-    }
+    copy_dir(&fixture(arch), tmp.path());
     tmp
 }
 
 fn load_error(dir: &Path) -> String {
-    match load_embedder(dir.to_str().unwrap(), &Device::Cpu) {
-        Ok(_) => panic!("{} loaded but should not", dir.display()),
-        Err(e) => e.to_string(),
-    }
+    load_err(
+        load_embedder(dir.to_str().unwrap(), &Device::Cpu),
+        &dir.display().to_string(),
+    )
 }
 
-fn edit_json(path: &Path, f: impl FnOnce(&mut serde_json::Value)) {
-    let mut v: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
-    f(&mut v);
-    std::fs::write(path, serde_json::to_string_pretty(&v).unwrap()).unwrap();
+/// The load error of a copy of `arch`'s fixture whose JSON `file` `edit` changed.
+fn json_edit_error(arch: &str, file: &str, edit: impl FnOnce(&mut serde_json::Value)) -> String {
+    let d = copy_fixture(arch);
+    edit_json(&d.path().join(file), edit);
+    load_error(d.path())
 }
 
 #[test]
@@ -273,10 +250,7 @@ fn missing_tokenizer_is_named() {
     let d = copy_fixture("clip");
     std::fs::remove_file(d.path().join("tokenizer.json")).unwrap();
     let e = load_error(d.path());
-    assert!(
-        e.contains("tokenizer.json") && e.contains("save_pretrained"),
-        "{e}"
-    );
+    assert_contains_all(&e, &["tokenizer.json", "save_pretrained"]);
 }
 
 #[test]
@@ -289,60 +263,34 @@ fn missing_config_and_weights_are_named() {
     let e = load_error(d.path());
     assert!(e.contains("config.json"), "{e}");
     let e = load_error(Path::new("/no/such/model/folder"));
-    assert!(
-        e.contains("/no/such/model/folder") && e.contains("no such folder"),
-        "{e}"
-    );
+    assert_contains_all(&e, &["/no/such/model/folder", "no such folder"]);
 }
 
 #[test]
 fn wrong_model_type_is_named() {
-    let d = copy_fixture("clip");
-    edit_json(&d.path().join("config.json"), |v| {
-        v["model_type"] = "llama".into()
-    });
-    let e = load_error(d.path());
-    assert!(
-        e.contains("config.json") && e.contains("llama") && e.contains("clip, siglip"),
-        "{e}"
-    );
+    let e = json_edit_error("clip", "config.json", |v| v["model_type"] = "llama".into());
+    assert_contains_all(&e, &["config.json", "llama", "clip, siglip"]);
     // a SigLIP checkpoint that claims to be CLIP: its tensors do not fit
-    let d = copy_fixture("siglip");
-    edit_json(&d.path().join("config.json"), |v| {
-        v["model_type"] = "clip".into()
-    });
-    let e = load_error(d.path());
-    assert!(
-        e.contains("model.safetensors") && e.contains("do not fit config.json"),
-        "{e}"
-    );
+    let e = json_edit_error("siglip", "config.json", |v| v["model_type"] = "clip".into());
+    assert_contains_all(&e, &["model.safetensors", "do not fit config.json"]);
 }
 
 #[test]
 fn weights_of_the_wrong_shape_are_named() {
-    let d = copy_fixture("clip");
-    edit_json(&d.path().join("config.json"), |v| {
+    let e = json_edit_error("clip", "config.json", |v| {
         v["vision_config"]["patch_size"] = 16.into();
         v["vision_config"]["image_size"] = 32.into();
     });
-    let e = load_error(d.path());
-    assert!(
-        e.contains("model.safetensors") && e.contains("shape"),
-        "{e}"
-    );
+    assert_contains_all(&e, &["model.safetensors", "shape"]);
 }
 
 #[test]
 fn truncated_weights_are_named() {
     let d = copy_fixture("siglip");
     let p = d.path().join("model.safetensors");
-    let bytes = std::fs::read(&p).unwrap();
-    std::fs::write(&p, &bytes[..bytes.len() / 2]).unwrap();
+    truncate_half(&p);
     let e = load_error(d.path());
-    assert!(
-        e.contains("model.safetensors") && e.contains("truncated"),
-        "{e}"
-    );
+    assert_contains_all(&e, &["model.safetensors", "truncated"]);
 }
 
 #[test]
@@ -354,23 +302,15 @@ fn a_tokenizer_larger_than_the_vocabulary_is_named() {
     )
     .unwrap();
     let e = load_error(d.path());
-    assert!(
-        e.contains("tokenizer.json") && e.contains("vocab_size"),
-        "{e}"
-    );
+    assert_contains_all(&e, &["tokenizer.json", "vocab_size"]);
 }
 
 #[test]
 fn a_processor_that_does_not_fit_the_model_is_named() {
-    let d = copy_fixture("siglip");
-    edit_json(&d.path().join("preprocessor_config.json"), |v| {
+    let e = json_edit_error("siglip", "preprocessor_config.json", |v| {
         v["size"] = serde_json::json!({"height": 48, "width": 48});
     });
-    let e = load_error(d.path());
-    assert!(
-        e.contains("preprocessor_config.json") && e.contains("48x48"),
-        "{e}"
-    );
+    assert_contains_all(&e, &["preprocessor_config.json", "48x48"]);
 }
 
 /// Prints every loader error (run with --nocapture to read them).
@@ -379,15 +319,15 @@ fn error_messages_read_well() {
     let d = copy_fixture("clip");
     std::fs::remove_file(d.path().join("tokenizer.json")).unwrap();
     eprintln!("missing tokenizer: {}", load_error(d.path()));
-    let d = copy_fixture("siglip");
-    edit_json(&d.path().join("config.json"), |v| {
-        v["model_type"] = "clip".into()
-    });
-    eprintln!("siglip as clip: {}", load_error(d.path()));
+    eprintln!(
+        "siglip as clip: {}",
+        json_edit_error("siglip", "config.json", |v| {
+            v["model_type"] = "clip".into()
+        })
+    );
     let d = copy_fixture("siglip");
     let p = d.path().join("model.safetensors");
-    let bytes = std::fs::read(&p).unwrap();
-    std::fs::write(&p, &bytes[..bytes.len() / 2]).unwrap();
+    truncate_half(&p);
     eprintln!("truncated: {}", load_error(d.path()));
     let d = copy_fixture("siglip");
     std::fs::copy(
@@ -396,11 +336,33 @@ fn error_messages_read_well() {
     )
     .unwrap();
     eprintln!("foreign tokenizer: {}", load_error(d.path()));
-    let d = copy_fixture("clip");
-    edit_json(&d.path().join("config.json"), |v| {
-        v["vision_config"]["patch_size"] = 16.into()
-    });
-    eprintln!("wrong shape: {}", load_error(d.path()));
+    eprintln!(
+        "wrong shape: {}",
+        json_edit_error("clip", "config.json", |v| {
+            v["vision_config"]["patch_size"] = 16.into()
+        })
+    );
+}
+
+/// Each image and text embeds as it does within the golden's whole batch;
+/// returns the text embeddings of the whole batch.
+fn assert_batch_independent(enc: &mut impl Embedder, g: &Golden) -> Vec<Vec<f32>> {
+    let imgs = images(g);
+    let refs: Vec<&RgbImage> = imgs.iter().collect();
+    let all = enc.embed_images(&refs).unwrap();
+    for (i, img) in refs.iter().enumerate() {
+        assert_eq!(enc.embed_images(&[*img]).unwrap()[0], all[i], "image {i}");
+    }
+    let texts = g.strings("texts");
+    let all = enc.embed_texts(&texts).unwrap();
+    for (i, t) in texts.iter().enumerate() {
+        assert_eq!(
+            enc.embed_texts(std::slice::from_ref(t)).unwrap()[0],
+            all[i],
+            "text {i}"
+        );
+    }
+    all
 }
 
 // ------------------------------------------------------------------ BLIP (ITC)
@@ -442,7 +404,7 @@ fn blip_token_ids_match_transformers() {
         .unwrap()
         .to_vec2::<u32>()
         .unwrap();
-    for ((text, want), m) in g.strings("texts").iter().zip(g.ids()).zip(&mask) {
+    for ((text, want), m) in g.strings("texts").iter().zip(g.id_rows()).zip(&mask) {
         let n = m.iter().filter(|&&x| x == 1).count();
         // the golden is padded to max_length; ours is not padded
         assert!(want[n..].iter().all(|&x| x == 0), "{text:?}: {want:?}");
@@ -454,7 +416,7 @@ fn blip_token_ids_match_transformers() {
     }
     // [CLS] first (no [ENC] swap on the ITC path), truncation to max_length
     let cls = enc.tokenizer().token_to_id("[CLS]").unwrap();
-    assert_eq!(g.ids()[0][0], cls);
+    assert_eq!(g.id_rows()[0][0], cls);
     let long = "a cat ".repeat(40);
     let ids = enc.tokenize(&long).unwrap();
     assert_eq!(ids.len(), enc.text_spec().max_len);
@@ -515,21 +477,7 @@ fn blip_embeddings_match_transformers() {
 fn blip_embeddings_do_not_depend_on_the_batch() {
     let g = Golden::load("blip");
     let mut enc = blip();
-    let imgs = images(&g);
-    let refs: Vec<&RgbImage> = imgs.iter().collect();
-    let all = enc.embed_images(&refs).unwrap();
-    for (i, img) in refs.iter().enumerate() {
-        assert_eq!(enc.embed_images(&[*img]).unwrap()[0], all[i], "image {i}");
-    }
-    let texts = g.strings("texts");
-    let all = enc.embed_texts(&texts).unwrap();
-    for (i, t) in texts.iter().enumerate() {
-        assert_eq!(
-            enc.embed_texts(std::slice::from_ref(t)).unwrap()[0],
-            all[i],
-            "text {i}"
-        );
-    }
+    let all = assert_batch_independent(&mut enc, &g);
     // padding with a mask leaves an embedding (nearly) unchanged
     let padded = enc
         .embed_token_ids(
@@ -578,46 +526,28 @@ fn blip_load_errors_are_named() {
     candle_core::safetensors::save(&t, &p).unwrap();
     let e = load_error(d.path());
     eprintln!("blip, missing tensor: {e}");
-    assert!(
-        e.contains("model.safetensors") && e.contains("text_proj.weight"),
-        "{e}"
-    );
+    assert_contains_all(&e, &["model.safetensors", "text_proj.weight"]);
 
     // a config whose image size does not fit the weights
-    let d = copy_fixture("blip");
-    edit_json(&d.path().join("config.json"), |v| {
+    let e = json_edit_error("blip", "config.json", |v| {
         v["vision_config"]["image_size"] = 48.into()
     });
-    let e = load_error(d.path());
     eprintln!("blip, image_size 48: {e}");
-    assert!(
-        e.contains("model.safetensors") && e.contains("position_embedding"),
-        "{e}"
-    );
+    assert_contains_all(&e, &["model.safetensors", "position_embedding"]);
 
     // a processor that does not fit the vision tower
-    let d = copy_fixture("blip");
-    edit_json(&d.path().join("preprocessor_config.json"), |v| {
+    let e = json_edit_error("blip", "preprocessor_config.json", |v| {
         v["size"] = serde_json::json!({"height": 48, "width": 48});
     });
-    let e = load_error(d.path());
     eprintln!("blip, processor 48x48: {e}");
-    assert!(
-        e.contains("preprocessor_config.json") && e.contains("48x48") && e.contains("32"),
-        "{e}"
-    );
+    assert_contains_all(&e, &["preprocessor_config.json", "48x48", "32"]);
 
     // a tokenizer larger than the text vocabulary
-    let d = copy_fixture("blip");
-    edit_json(&d.path().join("config.json"), |v| {
+    let e = json_edit_error("blip", "config.json", |v| {
         v["text_config"]["vocab_size"] = 100.into()
     });
-    let e = load_error(d.path());
     eprintln!("blip, vocab 100: {e}");
-    assert!(
-        e.contains("tokenizer.json") && e.contains("vocab_size is 100"),
-        "{e}"
-    );
+    assert_contains_all(&e, &["tokenizer.json", "vocab_size is 100"]);
 }
 
 // ------------------------------------------------------------------ BLIP-2 (ITC, multi-vector)
@@ -671,7 +601,7 @@ fn blip2_pixel_values_and_token_ids_match_transformers() {
     assert_eq!(call["padding"], "max_length");
     let max_length = call["max_length"].as_u64().unwrap() as usize;
     assert_eq!(enc.max_len(), max_length);
-    let ids = g.ids();
+    let ids = g.id_rows();
     let mask = g.t["attention_mask"]
         .to_dtype(DType::U32)
         .unwrap()
@@ -790,21 +720,7 @@ fn blip2_padding_with_the_mask_does_not_change_text_embeddings() {
 fn blip2_embeddings_do_not_depend_on_the_batch() {
     let g = Golden::load("blip2");
     let mut enc = blip2();
-    let imgs = images(&g);
-    let refs: Vec<&RgbImage> = imgs.iter().collect();
-    let all = enc.embed_images(&refs).unwrap();
-    for (i, img) in refs.iter().enumerate() {
-        assert_eq!(enc.embed_images(&[*img]).unwrap()[0], all[i], "image {i}");
-    }
-    let texts = g.strings("texts");
-    let all = enc.embed_texts(&texts).unwrap();
-    for (i, t) in texts.iter().enumerate() {
-        assert_eq!(
-            enc.embed_texts(std::slice::from_ref(t)).unwrap()[0],
-            all[i],
-            "text {i}"
-        );
-    }
+    assert_batch_independent(&mut enc, &g);
 }
 
 #[test]
@@ -838,10 +754,7 @@ fn blip2_load_errors_name_the_file() {
     candle_core::safetensors::save(&t, &p).unwrap();
     let e = load_error(d.path());
     eprintln!("blip2 missing tensor: {e}");
-    assert!(
-        e.contains("model.safetensors") && e.contains("text_projection.weight"),
-        "{e}"
-    );
+    assert_contains_all(&e, &["model.safetensors", "text_projection.weight"]);
 
     // the separate q_bias / v_bias of older saves are read like qkv.bias
     let d = copy_fixture("blip2");
@@ -864,62 +777,38 @@ fn blip2_load_errors_name_the_file() {
     assert!(e < TOL, "q_bias/v_bias weights: relative error {e}");
 
     // weights of the wrong shape
-    let d = copy_fixture("blip2");
-    edit_json(&d.path().join("config.json"), |v| {
-        v["num_query_tokens"] = 4.into()
-    });
-    let e = load_error(d.path());
+    let e = json_edit_error("blip2", "config.json", |v| v["num_query_tokens"] = 4.into());
     eprintln!("blip2 wrong shape: {e}");
-    assert!(
-        e.contains("model.safetensors") && e.contains("query_tokens") && e.contains("shape"),
-        "{e}"
-    );
+    assert_contains_all(&e, &["model.safetensors", "query_tokens", "shape"]);
 
     // a processor that does not fit vision_config.image_size
-    let d = copy_fixture("blip2");
-    edit_json(&d.path().join("preprocessor_config.json"), |v| {
+    let e = json_edit_error("blip2", "preprocessor_config.json", |v| {
         v["size"] = serde_json::json!({"height": 48, "width": 48});
     });
-    let e = load_error(d.path());
     eprintln!("blip2 processor: {e}");
-    assert!(
-        e.contains("preprocessor_config.json") && e.contains("48x48") && e.contains("32"),
-        "{e}"
-    );
+    assert_contains_all(&e, &["preprocessor_config.json", "48x48", "32"]);
 
     // a tokenizer larger than the Q-Former vocabulary
-    let d = copy_fixture("blip2");
-    edit_json(&d.path().join("config.json"), |v| {
+    let e = json_edit_error("blip2", "config.json", |v| {
         v["qformer_config"]["vocab_size"] = 50.into()
     });
-    let e = load_error(d.path());
     eprintln!("blip2 tokenizer: {e}");
-    assert!(
-        e.contains("tokenizer.json") && e.contains("vocab_size is 50"),
-        "{e}"
-    );
+    assert_contains_all(&e, &["tokenizer.json", "vocab_size is 50"]);
 
     // a generation checkpoint (blip2-opt-*) is not a retrieval model
-    let d = copy_fixture("blip2");
-    edit_json(&d.path().join("config.json"), |v| {
+    let e = json_edit_error("blip2", "config.json", |v| {
         v["architectures"] = serde_json::json!(["Blip2ForConditionalGeneration"])
     });
-    let e = load_error(d.path());
     eprintln!("blip2 generation checkpoint: {e}");
-    assert!(
-        e.contains("config.json") && e.contains("Blip2ForImageTextRetrieval"),
-        "{e}"
-    );
+    assert_contains_all(&e, &["config.json", "Blip2ForImageTextRetrieval"]);
 
     // a Q-Former without the text feed-forward
-    let d = copy_fixture("blip2");
-    edit_json(&d.path().join("config.json"), |v| {
+    let e = json_edit_error("blip2", "config.json", |v| {
         v["qformer_config"]["use_qformer_text_input"] = false.into()
     });
-    let e = load_error(d.path());
     eprintln!("blip2 no text input: {e}");
-    assert!(
-        e.contains("config.json") && e.contains("qformer_config.use_qformer_text_input"),
-        "{e}"
+    assert_contains_all(
+        &e,
+        &["config.json", "qformer_config.use_qformer_text_input"],
     );
 }

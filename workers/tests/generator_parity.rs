@@ -14,76 +14,24 @@ use candle_core::{DType, Device, Tensor};
 use mirgen_workers::generators::{load_generator, SdTurboPipeline};
 use mirgen_workers::GenerateRequest;
 
-fn fixture() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/generators/sd-turbo")
-}
+mod common;
+use common::{
+    assert_contains_all, check, fixture_dir, load_err, rel_err, replacing, u8_differing,
+    u8_max_diff, Golden,
+};
 
-struct Golden {
-    t: HashMap<String, Tensor>,
-    meta: serde_json::Value,
+fn fixture() -> PathBuf {
+    fixture_dir("generators/sd-turbo")
 }
 
 impl Golden {
     fn load() -> Golden {
-        let dir = fixture();
-        let t =
-            candle_core::safetensors::load(dir.join("golden.safetensors"), &Device::Cpu).unwrap();
-        let meta = serde_json::from_str(&std::fs::read_to_string(dir.join("golden.json")).unwrap())
-            .unwrap();
-        Golden { t, meta }
-    }
-    fn get(&self, key: &str) -> &Tensor {
-        self.t
-            .get(key)
-            .unwrap_or_else(|| panic!("golden {key} missing"))
-    }
-    fn ids(&self, key: &str) -> Vec<u32> {
-        self.get(key)
-            .to_dtype(DType::U32)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1()
-            .unwrap()
-    }
-    fn run(&self, run: &str) -> &serde_json::Value {
-        &self.meta["runs"][run]
+        Golden::load_from(&fixture())
     }
 }
 
 fn pipeline() -> SdTurboPipeline {
     SdTurboPipeline::load_dir(&fixture(), "fixture", &Device::Cpu).unwrap()
-}
-
-/// max |a - b| / max |b|.
-fn rel_err(ours: &Tensor, reference: &Tensor) -> f32 {
-    assert_eq!(ours.dims(), reference.dims(), "shapes differ");
-    let diff = (ours - reference)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
-    let scale = reference
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
-    diff / scale
-}
-
-fn check(what: &str, ours: &Tensor, reference: &Tensor, tol: f32) {
-    let e = rel_err(ours, reference);
-    eprintln!("{what}: rel. err. {e:.2e}");
-    assert!(e < tol, "{what}: relative error {e} >= {tol}");
 }
 
 /// Relative error bound of every f32 stage. The issue asks for < 1e-3;
@@ -278,19 +226,8 @@ fn generated_images_match_the_pil_output_within_one_level() {
             .unwrap()
             .to_rgb8();
         assert_eq!(imgs[0].dimensions(), png.dimensions());
-        let max = imgs[0]
-            .as_raw()
-            .iter()
-            .zip(png.as_raw())
-            .map(|(a, b)| (*a as i32 - *b as i32).abs())
-            .max()
-            .unwrap();
-        let differing = imgs[0]
-            .as_raw()
-            .iter()
-            .zip(png.as_raw())
-            .filter(|(a, b)| a != b)
-            .count();
+        let max = u8_max_diff(&imgs[0], &png);
+        let differing = u8_differing(&imgs[0], &png);
         eprintln!("{name}: uint8 image max diff {max}, {differing} values differ");
         assert!(max <= 1, "{name}: uint8 image differs by {max} levels");
         assert_eq!(
@@ -326,37 +263,21 @@ fn seeds_give_different_reproducible_images() {
 
 /// A copy of the fixture with `edit` applied.
 fn broken_copy(edit: impl FnOnce(&Path)) -> tempfile::TempDir {
-    let tmp = tempfile::tempdir().unwrap();
-    copy_dir(&fixture(), tmp.path());
-    edit(tmp.path());
-    tmp
-}
-
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for e in std::fs::read_dir(from).unwrap() {
-        let e = e.unwrap();
-        let dest = to.join(e.file_name());
-        if e.file_type().unwrap().is_dir() {
-            copy_dir(&e.path(), &dest);
-        } else {
-            std::fs::copy(e.path(), dest).unwrap();
-        }
-    }
+    common::broken_copy(&fixture(), edit)
 }
 
 fn load_error(dir: &Path) -> String {
-    match SdTurboPipeline::load_dir(dir, "broken", &Device::Cpu) {
-        Ok(_) => panic!("{} loaded", dir.display()),
-        Err(e) => e.to_string(),
-    }
+    load_err(
+        SdTurboPipeline::load_dir(dir, "broken", &Device::Cpu),
+        &dir.display().to_string(),
+    )
 }
 
 #[test]
 fn load_errors_name_the_missing_part() {
     let d = broken_copy(|p| std::fs::remove_dir_all(p.join("unet")).unwrap());
     let e = load_error(d.path());
-    assert!(e.contains("unet") && e.contains("sub-folder"), "{e}");
+    assert_contains_all(&e, &["unet", "sub-folder"]);
 
     let d = broken_copy(|p| std::fs::remove_file(p.join("model_index.json")).unwrap());
     let e = load_error(d.path());
@@ -366,39 +287,25 @@ fn load_errors_name_the_missing_part() {
         std::fs::remove_file(p.join("vae/diffusion_pytorch_model.safetensors")).unwrap()
     });
     let e = load_error(d.path());
-    assert!(
-        e.contains("vae") && e.contains("diffusion_pytorch_model.safetensors"),
-        "{e}"
-    );
+    assert_contains_all(&e, &["vae", "diffusion_pytorch_model.safetensors"]);
 
     let d = broken_copy(|p| std::fs::remove_file(p.join("tokenizer/merges.txt")).unwrap());
     let e = load_error(d.path());
     assert!(e.contains("merges.txt"), "{e}");
 
-    let d = broken_copy(|p| {
-        let f = p.join("scheduler/scheduler_config.json");
-        let s = std::fs::read_to_string(&f).unwrap();
-        std::fs::write(
-            &f,
-            s.replace(
-                "\"use_karras_sigmas\": false",
-                "\"use_karras_sigmas\": true",
-            ),
-        )
-        .unwrap();
-    });
+    let d = broken_copy(replacing(
+        "scheduler/scheduler_config.json",
+        "\"use_karras_sigmas\": false",
+        "\"use_karras_sigmas\": true",
+    ));
     let e = load_error(d.path());
     assert!(e.contains("use_karras_sigmas"), "{e}");
 
-    let d = broken_copy(|p| {
-        let f = p.join("unet/config.json");
-        let s = std::fs::read_to_string(&f).unwrap();
-        std::fs::write(
-            &f,
-            s.replace("\"cross_attention_dim\": 32", "\"cross_attention_dim\": 48"),
-        )
-        .unwrap();
-    });
+    let d = broken_copy(replacing(
+        "unet/config.json",
+        "\"cross_attention_dim\": 32",
+        "\"cross_attention_dim\": 48",
+    ));
     let e = load_error(d.path());
     assert!(e.contains("cross_attention_dim"), "{e}");
 }

@@ -8,90 +8,31 @@
 //! images and none; the KV cache against a full recomputation; `load_vlm`
 //! dispatch; load errors that name the file.
 
-use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 
-use candle_core::{DType, Device, Tensor};
-use mirgen_workers::preprocess::to_rgb;
+use candle_core::{DType, Device};
 use mirgen_workers::vlms::load_vlm;
 use mirgen_workers::vlms::qwen3vl::Qwen3VlVlm;
 use mirgen_workers::{RgbImage, SamplingConfig, VlmRequest};
 
+mod common;
+use common::{
+    argmax, assert_contains_all, copy_dir, fixture_dir, greedy, load_images, max_abs_diff, rel_err,
+    strip_stop, truncate_half, Golden,
+};
+
 fn fixture() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/vlm/qwen3vl")
-}
-
-fn image_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/encoders/images")
-}
-
-struct Golden {
-    t: HashMap<String, Tensor>,
-    meta: serde_json::Value,
-}
-
-struct Case {
-    name: String,
-    system: Option<String>,
-    prompt: String,
-    images: Vec<String>,
-    text: String,
-    greedy: Vec<u32>,
-    greedy_penalty: Vec<u32>,
-    greedy_text: String,
+    fixture_dir("vlm/qwen3vl")
 }
 
 impl Golden {
     fn load() -> Golden {
-        let dir = fixture();
-        let t =
-            candle_core::safetensors::load(dir.join("golden.safetensors"), &Device::Cpu).unwrap();
-        let meta = serde_json::from_str(&std::fs::read_to_string(dir.join("golden.json")).unwrap())
-            .unwrap();
-        Golden { t, meta }
-    }
-
-    fn cases(&self) -> Vec<Case> {
-        let ids = |v: &serde_json::Value| -> Vec<u32> {
-            v.as_array()
-                .unwrap()
-                .iter()
-                .map(|x| x.as_u64().unwrap() as u32)
-                .collect()
-        };
-        self.meta["cases"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|c| Case {
-                name: c["name"].as_str().unwrap().into(),
-                system: c["system"].as_str().map(String::from),
-                prompt: c["prompt"].as_str().unwrap().into(),
-                images: c["images"]
-                    .as_array()
-                    .unwrap()
-                    .iter()
-                    .map(|s| s.as_str().unwrap().into())
-                    .collect(),
-                text: c["text"].as_str().unwrap().into(),
-                greedy: ids(&c["greedy_tokens"]),
-                greedy_penalty: ids(&c["greedy_tokens_repetition_penalty_1.1"]),
-                greedy_text: c["greedy_text"].as_str().unwrap().into(),
-            })
-            .collect()
-    }
-
-    fn ids(&self, case: &str) -> Vec<u32> {
-        self.tensor(&format!("{case}.input_ids"))
-            .to_dtype(DType::U32)
-            .unwrap()
-            .to_vec1()
-            .unwrap()
+        Golden::load_from(&fixture())
     }
 
     fn grids(&self, case: &str) -> Vec<[usize; 3]> {
-        self.tensor(&format!("{case}.image_grid_thw"))
+        self.get(&format!("{case}.image_grid_thw"))
             .to_dtype(DType::U32)
             .unwrap()
             .to_vec2::<u32>()
@@ -100,70 +41,10 @@ impl Golden {
             .map(|r| [r[0] as usize, r[1] as usize, r[2] as usize])
             .collect()
     }
-
-    fn tensor(&self, key: &str) -> &Tensor {
-        self.t
-            .get(key)
-            .unwrap_or_else(|| panic!("golden has no {key}"))
-    }
-}
-
-fn load_images(names: &[String]) -> Vec<RgbImage> {
-    names
-        .iter()
-        .map(|n| to_rgb(&image::open(image_dir().join(n)).unwrap()))
-        .collect()
-}
-
-fn greedy() -> SamplingConfig {
-    SamplingConfig {
-        temperature: 0.0,
-        top_p: 1.0,
-        repetition_penalty: 1.0,
-    }
 }
 
 fn load(sampling: SamplingConfig) -> Qwen3VlVlm {
     Qwen3VlVlm::load_dir(&fixture(), "fixture", sampling, &Device::Cpu).unwrap()
-}
-
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    assert_eq!(a.dims(), b.dims(), "shapes differ");
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
-}
-
-/// max |a - b| / max |b|.
-fn rel_err(ours: &Tensor, reference: &Tensor) -> f32 {
-    let scale = reference
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
-    max_abs_diff(ours, reference) / scale
-}
-
-fn argmax(t: &Tensor) -> u32 {
-    t.argmax(0).unwrap().to_scalar::<u32>().unwrap()
-}
-
-fn strip_stop(tokens: &[u32], stop: &[u32]) -> Vec<u32> {
-    match tokens.last() {
-        Some(t) if stop.contains(t) => tokens[..tokens.len() - 1].to_vec(),
-        _ => tokens.to_vec(),
-    }
 }
 
 #[test]
@@ -176,7 +57,7 @@ fn pixel_values_and_grids_match() {
         let refs: Vec<&RgbImage> = imgs.iter().collect();
         let (ours, grids) = vlm.pixel_values(&refs).unwrap();
         assert_eq!(grids, g.grids(&c.name), "{}: image_grid_thw", c.name);
-        let d = max_abs_diff(&ours, g.tensor(&format!("{}.pixel_values", c.name)));
+        let d = max_abs_diff(&ours, g.get(&format!("{}.pixel_values", c.name)));
         eprintln!(
             "{}: pixel values max |ours - transformers| = {d:.3e}",
             c.name
@@ -220,11 +101,11 @@ fn prompts_and_positions_match_the_processor() {
         let ids = vlm
             .prompt_ids(c.system.as_deref(), &c.prompt, &grids)
             .unwrap();
-        assert_eq!(ids, g.ids(&c.name), "{}: input ids", c.name);
+        assert_eq!(ids, g.input_ids(&c.name), "{}: input ids", c.name);
         if !grids.is_empty() {
             let pos = vlm.model().rope_index(&ids, &grids).unwrap();
             let want: Vec<Vec<i64>> = g
-                .tensor(&format!("{}.position_ids", c.name))
+                .get(&format!("{}.position_ids", c.name))
                 .to_vec2()
                 .unwrap();
             for axis in 0..3 {
@@ -244,14 +125,14 @@ fn image_and_deepstack_features_match() {
     let g = Golden::load();
     let mut vlm = load(greedy());
     for c in g.cases().iter().filter(|c| !c.images.is_empty()) {
-        let px = g.tensor(&format!("{}.pixel_values", c.name));
+        let px = g.get(&format!("{}.pixel_values", c.name));
         let out = vlm.model().image_features(px, &g.grids(&c.name)).unwrap();
-        let e = rel_err(&out.embeds, g.tensor(&format!("{}.image_features", c.name)));
+        let e = rel_err(&out.embeds, g.get(&format!("{}.image_features", c.name)));
         eprintln!("{}: image features rel. err {e:.3e}", c.name);
         assert!(e < 1e-4, "{}: image features rel. err {e}", c.name);
         assert_eq!(out.deepstack.len(), 2);
         for (i, f) in out.deepstack.iter().enumerate() {
-            let e = rel_err(f, g.tensor(&format!("{}.deepstack.{i}", c.name)));
+            let e = rel_err(f, g.get(&format!("{}.deepstack.{i}", c.name)));
             eprintln!("{}: deepstack {i} rel. err {e:.3e}", c.name);
             assert!(e < 1e-4, "{}: deepstack {i} rel. err {e}", c.name);
         }
@@ -263,15 +144,15 @@ fn first_step_logits_match() {
     let g = Golden::load();
     let mut vlm = load(greedy());
     for c in g.cases() {
-        let ids = g.ids(&c.name);
+        let ids = g.input_ids(&c.name);
         let logits = if c.images.is_empty() {
             vlm.prefill(&ids, None).unwrap()
         } else {
             let grids = g.grids(&c.name);
-            let px = g.tensor(&format!("{}.pixel_values", c.name)).clone();
+            let px = g.get(&format!("{}.pixel_values", c.name)).clone();
             vlm.prefill(&ids, Some((&px, &grids))).unwrap()
         };
-        let want = g.tensor(&format!("{}.logits", c.name));
+        let want = g.get(&format!("{}.logits", c.name));
         let e = rel_err(&logits, want);
         eprintln!("{}: first-step logits rel. err {e:.3e}", c.name);
         assert!(e < 1e-3, "{}: logits rel. err {e}", c.name);
@@ -320,9 +201,9 @@ fn kv_cache_steps_equal_a_full_recomputation() {
     let g = Golden::load();
     let mut vlm = load(greedy());
     let c = &g.cases()[0];
-    let ids = g.ids(&c.name);
+    let ids = g.input_ids(&c.name);
     let grids = g.grids(&c.name);
-    let px = g.tensor(&format!("{}.pixel_values", c.name)).clone();
+    let px = g.get(&format!("{}.pixel_values", c.name)).clone();
     // prompt + 2 greedy tokens through the cache, then the same as one prefill
     vlm.prefill(&ids, Some((&px, &grids))).unwrap();
     let t1 = c.greedy[0];
@@ -367,15 +248,10 @@ fn load_vlm_dispatches_qwen3_vl() {
 fn load_errors_name_the_file() {
     let tmp = std::env::temp_dir().join(format!("mirgen-qwen3vl-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&tmp);
-    std::fs::create_dir_all(&tmp).unwrap();
-    for e in std::fs::read_dir(fixture()).unwrap() {
-        let p = e.unwrap().path();
-        std::fs::copy(&p, tmp.join(p.file_name().unwrap())).unwrap();
-    }
+    copy_dir(&fixture(), &tmp);
     // truncated weights
     let w = tmp.join("model.safetensors");
-    let bytes = std::fs::read(&w).unwrap();
-    std::fs::write(&w, &bytes[..bytes.len() / 2]).unwrap();
+    let bytes = truncate_half(&w);
     let e = Qwen3VlVlm::load_dir(&tmp, "tmp", greedy(), &Device::Cpu)
         .err()
         .expect("truncated weights must fail")
@@ -388,7 +264,7 @@ fn load_errors_name_the_file() {
         .err()
         .expect("a missing tokenizer must fail")
         .to_string();
-    assert!(e.contains("tokenizer.json") && e.contains("missing"), "{e}");
+    assert_contains_all(&e, &["tokenizer.json", "missing"]);
     std::fs::remove_dir_all(&tmp).unwrap();
 }
 
@@ -397,13 +273,8 @@ fn reads_the_image_processor_from_processor_config_json() {
     // transformers 5 saves the image processor inside processor_config.json
     let tmp = std::env::temp_dir().join(format!("mirgen-qwen3vl-proc-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&tmp);
-    std::fs::create_dir_all(&tmp).unwrap();
-    for e in std::fs::read_dir(fixture()).unwrap() {
-        let p = e.unwrap().path();
-        if p.file_name().unwrap() != "preprocessor_config.json" {
-            std::fs::copy(&p, tmp.join(p.file_name().unwrap())).unwrap();
-        }
-    }
+    copy_dir(&fixture(), &tmp);
+    std::fs::remove_file(tmp.join("preprocessor_config.json")).unwrap();
     let pre: serde_json::Value = serde_json::from_str(
         &std::fs::read_to_string(fixture().join("preprocessor_config.json")).unwrap(),
     )
@@ -419,14 +290,14 @@ fn reads_the_image_processor_from_processor_config_json() {
 fn image_tokens_must_match_the_images() {
     let g = Golden::load();
     let mut vlm = load(greedy());
-    let ids = g.ids("one_image");
-    let px = g.tensor("two_images.pixel_values").clone();
+    let ids = g.input_ids("one_image");
+    let px = g.get("two_images.pixel_values").clone();
     let grids = g.grids("two_images");
     let e = vlm
         .prefill(&ids, Some((&px, &grids)))
         .expect_err("8 image tokens for 2 images of 14 tokens must fail")
         .to_string();
-    assert!(e.contains("8 image tokens") && e.contains("14"), "{e}");
+    assert_contains_all(&e, &["8 image tokens", "14"]);
     let e = vlm.prefill(&ids, None).unwrap_err().to_string();
     assert!(e.contains("8 image tokens"), "{e}");
 }

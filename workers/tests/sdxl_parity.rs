@@ -8,83 +8,33 @@
 //! classifier-free guidance with zeroed negative embeds), the VAE decode and
 //! the uint8 image, plus the loader's error messages.
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use candle_core::{DType, Device, IndexOp, Tensor};
+use candle_core::{Device, IndexOp, Tensor};
 use mirgen_workers::generators::load_generator;
 use mirgen_workers::generators::sdxl::{SdxlPipeline, SdxlText};
 use mirgen_workers::GenerateRequest;
 
-fn fixture() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/generators/sdxl-turbo")
-}
+mod common;
+use common::{
+    check, copy_dir, fixture_dir, json_f64s, max_abs, rel_err, u8_differing, u8_max_diff, Golden,
+};
 
-struct Golden {
-    t: HashMap<String, Tensor>,
-    meta: serde_json::Value,
+fn fixture() -> PathBuf {
+    fixture_dir("generators/sdxl-turbo")
 }
 
 impl Golden {
     fn load() -> Golden {
-        let dir = fixture();
-        let t =
-            candle_core::safetensors::load(dir.join("golden.safetensors"), &Device::Cpu).unwrap();
-        let meta = serde_json::from_str(&std::fs::read_to_string(dir.join("golden.json")).unwrap())
-            .unwrap();
-        Golden { t, meta }
+        Golden::load_from(&fixture())
     }
-    fn get(&self, key: &str) -> &Tensor {
-        self.t
-            .get(key)
-            .unwrap_or_else(|| panic!("golden {key} missing"))
-    }
-    fn ids(&self, key: &str) -> Vec<u32> {
-        self.get(key)
-            .to_dtype(DType::U32)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1()
-            .unwrap()
-    }
-    fn run(&self, run: &str) -> &serde_json::Value {
-        &self.meta["runs"][run]
-    }
-    fn f64s(&self, run: &str, key: &str) -> Vec<f64> {
-        self.run(run)[key]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|x| x.as_f64().unwrap())
-            .collect()
+    fn run_f64s(&self, run: &str, key: &str) -> Vec<f64> {
+        json_f64s(&self.run(run)[key])
     }
 }
 
 fn pipeline() -> SdxlPipeline {
     SdxlPipeline::load_dir(&fixture(), "fixture", &Device::Cpu).unwrap()
-}
-
-/// max |a - b| / max |b|.
-fn rel_err(ours: &Tensor, reference: &Tensor) -> f32 {
-    assert_eq!(ours.dims(), reference.dims(), "shapes differ");
-    let max = |t: &Tensor| {
-        t.abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap()
-    };
-    max(&(ours - reference).unwrap()) / max(reference)
-}
-
-fn check(what: &str, ours: &Tensor, reference: &Tensor, tol: f32) {
-    let e = rel_err(ours, reference);
-    eprintln!("{what}: rel. err. {e:.2e}");
-    assert!(e < tol, "{what}: relative error {e} >= {tol}");
 }
 
 /// Relative error bound of every f32 stage. The issue asks for < 1e-3;
@@ -137,17 +87,7 @@ fn tokenizers_and_text_encoders_match_diffusers() {
     assert!(p.force_zeros_for_empty_prompt());
     let neg = p.negative(&text).unwrap();
     assert_eq!(neg.embeds.dims(), text.embeds.dims());
-    let zero = |t: &Tensor| {
-        t.abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap()
-            == 0.0
-    };
+    let zero = |t: &Tensor| max_abs(t) == 0.0;
     assert!(zero(&neg.embeds) && zero(&neg.pooled));
     let empty = p.encode_prompt("").unwrap();
     check(
@@ -182,8 +122,8 @@ fn scheduler_matches_diffusers() {
             s.ancestral,
             "sdxl-turbo ships EulerAncestralDiscreteScheduler"
         );
-        assert_eq!(s.euler.timesteps(), g.f64s(run, "timesteps").as_slice());
-        let want = g.f64s(run, "sigmas");
+        assert_eq!(s.euler.timesteps(), g.run_f64s(run, "timesteps").as_slice());
+        let want = g.run_f64s(run, "sigmas");
         assert_eq!(s.euler.sigmas().len(), want.len());
         for (a, b) in s.euler.sigmas().iter().zip(&want) {
             assert!((a - b).abs() <= 1e-6 * b.abs().max(1.0), "sigma {a} vs {b}");
@@ -314,10 +254,6 @@ fn one_unet_step_matches_diffusers() {
         .is_err());
 }
 
-fn u8_pixels(img: &image::RgbImage) -> Vec<i32> {
-    img.as_raw().iter().map(|&x| x as i32).collect()
-}
-
 #[test]
 fn whole_loop_vae_and_image_match_diffusers() {
     let g = Golden::load();
@@ -354,12 +290,11 @@ fn whole_loop_vae_and_image_match_diffusers() {
             .unwrap()
             .to_rgb8();
         assert_eq!(ours.dimensions(), png.dimensions());
-        let (a, b) = (u8_pixels(&ours), u8_pixels(&png));
-        let worst = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).max().unwrap();
-        let off = a.iter().zip(&b).filter(|(x, y)| x != y).count();
+        let worst = u8_max_diff(&ours, &png);
+        let off = u8_differing(&ours, &png);
         eprintln!(
             "{run}: uint8 max diff {worst}, {off} of {} values differ",
-            a.len()
+            ours.as_raw().len()
         );
         assert!(worst <= 1, "{run}: uint8 image differs by {worst} levels");
     }
@@ -416,19 +351,6 @@ fn generator_with_init_latents_matches_diffusers_one_step() {
     let b = gen2.generate(&[s(5), s(5), s(6)]).unwrap();
     assert_eq!(b[0], b[1]);
     assert_ne!(b[0], b[2]);
-}
-
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for e in std::fs::read_dir(from).unwrap() {
-        let e = e.unwrap();
-        let dst = to.join(e.file_name());
-        if e.file_type().unwrap().is_dir() {
-            copy_dir(&e.path(), &dst);
-        } else {
-            std::fs::copy(e.path(), dst).unwrap();
-        }
-    }
 }
 
 #[test]

@@ -11,149 +11,29 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use candle_core::{DType, Device, Tensor};
-use mirgen_workers::preprocess::to_rgb;
+use candle_core::{DType, Device};
 use mirgen_workers::vlms::gemma3::Gemma3Vlm;
 use mirgen_workers::vlms::load_vlm;
 use mirgen_workers::{RgbImage, SamplingConfig, Vlm, VlmRequest};
 
+mod common;
+use common::{
+    argmax, assert_contains_all, copy_dir, edit_json, fixture_dir, greedy, load_images,
+    max_abs_diff, rel_err, strip_stop, truncate_half, Golden,
+};
+
 fn fixture() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/vlm/gemma3")
-}
-
-fn image_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/encoders/images")
-}
-
-struct Golden {
-    t: HashMap<String, Tensor>,
-    meta: serde_json::Value,
-}
-
-struct Case {
-    name: String,
-    system: Option<String>,
-    prompt: String,
-    images: Vec<String>,
-    text: String,
-    greedy: Vec<u32>,
-    greedy_penalty: Vec<u32>,
-    greedy_text: String,
+    fixture_dir("vlm/gemma3")
 }
 
 impl Golden {
     fn load() -> Golden {
-        let dir = fixture();
-        let t =
-            candle_core::safetensors::load(dir.join("golden.safetensors"), &Device::Cpu).unwrap();
-        let meta = serde_json::from_str(&std::fs::read_to_string(dir.join("golden.json")).unwrap())
-            .unwrap();
-        Golden { t, meta }
-    }
-
-    fn cases(&self) -> Vec<Case> {
-        let ids = |v: &serde_json::Value| -> Vec<u32> {
-            v.as_array()
-                .unwrap()
-                .iter()
-                .map(|x| x.as_u64().unwrap() as u32)
-                .collect()
-        };
-        self.meta["cases"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|c| Case {
-                name: c["name"].as_str().unwrap().into(),
-                system: c["system"].as_str().map(String::from),
-                prompt: c["prompt"].as_str().unwrap().into(),
-                images: c["images"]
-                    .as_array()
-                    .unwrap()
-                    .iter()
-                    .map(|s| s.as_str().unwrap().into())
-                    .collect(),
-                text: c["text"].as_str().unwrap().into(),
-                greedy: ids(&c["greedy_tokens"]),
-                greedy_penalty: ids(&c["greedy_tokens_repetition_penalty_1.1"]),
-                greedy_text: c["greedy_text"].as_str().unwrap().into(),
-            })
-            .collect()
-    }
-
-    fn ids(&self, case: &str) -> Vec<u32> {
-        self.t[&format!("{case}.input_ids")]
-            .to_dtype(DType::U32)
-            .unwrap()
-            .to_vec1()
-            .unwrap()
-    }
-
-    fn tensor(&self, key: &str) -> &Tensor {
-        self.t
-            .get(key)
-            .unwrap_or_else(|| panic!("golden has no {key}"))
-    }
-}
-
-fn load_images(names: &[String]) -> Vec<RgbImage> {
-    names
-        .iter()
-        .map(|n| to_rgb(&image::open(image_dir().join(n)).unwrap()))
-        .collect()
-}
-
-/// Greedy decoding without a repetition penalty (transformers' do_sample=False).
-fn greedy() -> SamplingConfig {
-    SamplingConfig {
-        temperature: 0.0,
-        top_p: 1.0,
-        repetition_penalty: 1.0,
+        Golden::load_from(&fixture())
     }
 }
 
 fn load(sampling: SamplingConfig) -> Gemma3Vlm {
     Gemma3Vlm::load_dir(&fixture(), "fixture", sampling, &Device::Cpu).unwrap()
-}
-
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    assert_eq!(a.dims(), b.dims(), "shapes differ");
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
-}
-
-/// max |a - b| / max |b|.
-fn rel_err(ours: &Tensor, reference: &Tensor) -> f32 {
-    let scale = reference
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
-    max_abs_diff(ours, reference) / scale
-}
-
-fn argmax(t: &Tensor) -> u32 {
-    t.argmax(0).unwrap().to_scalar::<u32>().unwrap()
-}
-
-/// The golden's new tokens without a final stop token.
-fn strip_stop(tokens: &[u32], stop: &[u32]) -> Vec<u32> {
-    match tokens.last() {
-        Some(t) if stop.contains(t) => tokens[..tokens.len() - 1].to_vec(),
-        _ => tokens.to_vec(),
-    }
 }
 
 #[test]
@@ -181,7 +61,7 @@ fn prompts_match_the_processor() {
         let ids = vlm
             .prompt_ids(c.system.as_deref(), &c.prompt, c.images.len())
             .unwrap();
-        assert_eq!(ids, g.ids(&c.name), "{}: input ids", c.name);
+        assert_eq!(ids, g.input_ids(&c.name), "{}: input ids", c.name);
     }
 }
 
@@ -194,7 +74,7 @@ fn pixel_values_and_image_features_match() {
         let imgs = load_images(&c.images);
         let refs: Vec<&RgbImage> = imgs.iter().collect();
         let ours = vlm.pixel_values(&refs).unwrap();
-        let want = g.tensor(&format!("{}.pixel_values", c.name));
+        let want = g.get(&format!("{}.pixel_values", c.name));
         let d = max_abs_diff(&ours, want);
         eprintln!(
             "{}: pixel values max |ours - transformers| = {d:.3e}",
@@ -203,7 +83,7 @@ fn pixel_values_and_image_features_match() {
         assert!(d <= 1e-6, "{}: pixel values differ by {d}", c.name);
 
         let feats = vlm.model().image_features(want).unwrap();
-        let want = g.tensor(&format!("{}.image_features", c.name));
+        let want = g.get(&format!("{}.image_features", c.name));
         let e = rel_err(&feats, want);
         eprintln!("{}: image features rel. err. = {e:.3e}", c.name);
         assert!(e < 1e-4, "{}: image features rel. err. {e}", c.name);
@@ -217,11 +97,11 @@ fn first_step_logits_match() {
     let g = Golden::load();
     let mut vlm = load(greedy());
     for c in g.cases() {
-        let ids = g.ids(&c.name);
+        let ids = g.input_ids(&c.name);
         let pixels =
-            (!c.images.is_empty()).then(|| g.tensor(&format!("{}.pixel_values", c.name)).clone());
+            (!c.images.is_empty()).then(|| g.get(&format!("{}.pixel_values", c.name)).clone());
         let logits = vlm.prefill(&ids, pixels.as_ref()).unwrap();
-        let want = g.tensor(&format!("{}.logits", c.name));
+        let want = g.get(&format!("{}.logits", c.name));
         let e = rel_err(&logits, want);
         eprintln!("{}: first-step logits rel. err. = {e:.3e}", c.name);
         assert!(e < 1e-3, "{}: logits rel. err. {e}", c.name);
@@ -281,8 +161,8 @@ fn kv_cache_matches_recomputation() {
     let g = Golden::load();
     let mut vlm = load(greedy());
     for name in ["one_image", "two_images"] {
-        let ids = g.ids(name);
-        let pixels = g.tensor(&format!("{name}.pixel_values")).clone();
+        let ids = g.input_ids(name);
+        let pixels = g.get(&format!("{name}.pixel_values")).clone();
         let tokens = vlm.generate_ids(&ids, Some(&pixels), 6, 0).unwrap();
         assert_eq!(tokens.len(), 6);
         let mut last = vlm.prefill(&ids, Some(&pixels)).unwrap();
@@ -353,7 +233,7 @@ fn both_weight_layouts_load_the_same() {
     let pa = a.pixel_values(&refs).unwrap();
     let pb = b.pixel_values(&refs).unwrap();
     assert_eq!(max_abs_diff(&pa, &pb), 0.0);
-    let ids = g.ids(&c.name);
+    let ids = g.input_ids(&c.name);
     let la = a.prefill(&ids, Some(&pa)).unwrap();
     let lb = b.prefill(&ids, Some(&pb)).unwrap();
     assert_eq!(max_abs_diff(&la, &lb), 0.0, "the layouts give other logits");
@@ -407,10 +287,7 @@ fn load_errors_name_the_file() {
     let src = fixture();
     let copy = || {
         let tmp = tempfile::tempdir().unwrap();
-        for entry in std::fs::read_dir(&src).unwrap() {
-            let p = entry.unwrap().path();
-            std::fs::copy(&p, tmp.path().join(p.file_name().unwrap())).unwrap();
-        }
+        copy_dir(&src, tmp.path());
         tmp
     };
     let err = |dir: &Path| {
@@ -423,17 +300,12 @@ fn load_errors_name_the_file() {
     let tmp = copy();
     std::fs::remove_file(tmp.path().join("tokenizer.json")).unwrap();
     let e = err(tmp.path());
-    assert!(e.contains("tokenizer.json") && e.contains("missing"), "{e}");
+    assert_contains_all(&e, &["tokenizer.json", "missing"]);
 
     let tmp = copy();
-    let w = tmp.path().join("model.safetensors");
-    let bytes = std::fs::read(&w).unwrap();
-    std::fs::write(&w, &bytes[..bytes.len() / 2]).unwrap();
+    truncate_half(&tmp.path().join("model.safetensors"));
     let e = err(tmp.path());
-    assert!(
-        e.contains("model.safetensors") && e.contains("truncated"),
-        "{e}"
-    );
+    assert_contains_all(&e, &["model.safetensors", "truncated"]);
 
     let tmp = copy();
     std::fs::remove_file(tmp.path().join("processor_config.json")).unwrap();
@@ -447,36 +319,23 @@ fn load_errors_name_the_file() {
     t.remove("multi_modal_projector.mm_input_projection_weight");
     candle_core::safetensors::save(&t, &w).unwrap();
     let e = err(tmp.path());
-    assert!(
-        e.contains("model.safetensors") && e.contains("mm_input_projection_weight"),
-        "{e}"
-    );
+    assert_contains_all(&e, &["model.safetensors", "mm_input_projection_weight"]);
 
     // a config that does not fit the weights
     let tmp = copy();
-    let c = tmp.path().join("config.json");
-    let mut v: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&c).unwrap()).unwrap();
-    v["mm_tokens_per_image"] = 9.into();
-    std::fs::write(&c, v.to_string()).unwrap();
+    edit_json(&tmp.path().join("config.json"), |v| {
+        v["mm_tokens_per_image"] = 9.into()
+    });
     let e = err(tmp.path());
-    assert!(
-        e.contains("config.json") && e.contains("mm_tokens_per_image"),
-        "{e}"
-    );
+    assert_contains_all(&e, &["config.json", "mm_tokens_per_image"]);
 
     // a vocabulary that does not fit the tokenizer (a tokenizer from another checkpoint)
     let tmp = copy();
-    let c = tmp.path().join("config.json");
-    let mut v: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&c).unwrap()).unwrap();
-    v["text_config"]["vocab_size"] = 10.into();
-    std::fs::write(&c, v.to_string()).unwrap();
+    edit_json(&tmp.path().join("config.json"), |v| {
+        v["text_config"]["vocab_size"] = 10.into()
+    });
     let e = err(tmp.path());
-    assert!(
-        e.contains("tokenizer.json") && e.contains("vocab_size"),
-        "{e}"
-    );
+    assert_contains_all(&e, &["tokenizer.json", "vocab_size"]);
 }
 
 #[test]
@@ -488,10 +347,7 @@ fn top_k_of_generation_config_follows_the_repetition_penalty() {
     let g = Golden::load();
     let src = fixture();
     let tmp = tempfile::tempdir().unwrap();
-    for entry in std::fs::read_dir(&src).unwrap() {
-        let p = entry.unwrap().path();
-        std::fs::copy(&p, tmp.path().join(p.file_name().unwrap())).unwrap();
-    }
+    copy_dir(&src, tmp.path());
     let gc = tmp.path().join("generation_config.json");
     let mut v: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&gc).unwrap()).unwrap();
@@ -509,9 +365,9 @@ fn top_k_of_generation_config_follows_the_repetition_penalty() {
     let stop = vlm.stop_ids().to_vec();
     let mut differs_from_plain_greedy = false;
     for c in g.cases() {
-        let ids = g.ids(&c.name);
+        let ids = g.input_ids(&c.name);
         let pixels =
-            (!c.images.is_empty()).then(|| g.tensor(&format!("{}.pixel_values", c.name)).clone());
+            (!c.images.is_empty()).then(|| g.get(&format!("{}.pixel_values", c.name)).clone());
         for seed in [1, 2] {
             let got = vlm.generate_ids(&ids, pixels.as_ref(), 8, seed).unwrap();
             assert_eq!(got, strip_stop(&c.greedy_penalty, &stop), "{}", c.name);
@@ -533,12 +389,12 @@ fn half_precision_runs_close_to_f32() {
         Gemma3Vlm::load_dir_dtype(&fixture(), "fixture", greedy(), &Device::Cpu, DType::F16)
             .unwrap();
     for c in g.cases() {
-        let ids = g.ids(&c.name);
+        let ids = g.input_ids(&c.name);
         let pixels =
-            (!c.images.is_empty()).then(|| g.tensor(&format!("{}.pixel_values", c.name)).clone());
+            (!c.images.is_empty()).then(|| g.get(&format!("{}.pixel_values", c.name)).clone());
         let logits = vlm.prefill(&ids, pixels.as_ref()).unwrap();
         assert_eq!(logits.dtype(), DType::F32);
-        let e = rel_err(&logits, g.tensor(&format!("{}.logits", c.name)));
+        let e = rel_err(&logits, g.get(&format!("{}.logits", c.name)));
         eprintln!("{}: f16 first-step logits rel. err. = {e:.3e}", c.name);
         assert!(e < 2e-2, "{}: f16 logits rel. err. {e}", c.name);
         let tokens = vlm.generate_ids(&ids, pixels.as_ref(), 4, 0).unwrap();
@@ -602,10 +458,7 @@ fn image_token_count_must_match_the_images() {
     let mut vlm = load(greedy());
     let ids = vlm.prompt_ids(None, "Describe.", 1).unwrap();
     let e = vlm.prefill(&ids, None).unwrap_err().to_string();
-    assert!(
-        e.contains("invalid request") && e.contains("4 image tokens but 0 image(s)"),
-        "{e}"
-    );
+    assert_contains_all(&e, &["invalid request", "4 image tokens but 0 image(s)"]);
     // a prompt that spells out an image token
     let img = Arc::new(load_images(&["chelsea.png".into()]).remove(0));
     let e = vlm
