@@ -36,7 +36,6 @@
 //! layout (`tests/sd3_parity.rs`, fixture made by
 //! `scripts/fixtures/make_sd3_fixtures.py`).
 
-use std::io::{Read, Seek, SeekFrom};
 use std::path::Path;
 use std::sync::Mutex;
 
@@ -50,12 +49,12 @@ use candle_transformers::models::t5::{Config as T5Config, T5EncoderModel};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
+use super::common::{self, part_var_builder, pipeline_class_is, Layout};
 use super::flux::{attention, layer_norm_plain, timestep_proj, FlowMatchConfig, T5PromptTokenizer};
 use super::sd_turbo::{
-    part_weight_files, resolve_pipeline, vae_config, weights_err, ClipTextConfig, PromptTokenizer,
-    VaeDefaults,
+    resolve_pipeline, vae_config, weights_err, ClipTextConfig, PromptTokenizer, VaeDefaults,
 };
-use crate::encoders::hf::{load_err, plain, ConfigReader};
+use crate::encoders::hf::ConfigReader;
 use crate::encoders::layers::{causal_mask, EncoderLayer};
 use crate::generator::DiffusionSettings;
 use crate::seed::gaussian;
@@ -78,72 +77,20 @@ pub const PARTS: [&str; 9] = [
 
 /// Whether a folder's `model_index.json` names a `StableDiffusion3Pipeline`.
 pub fn is_sd3_pipeline(dir: &Path) -> bool {
-    crate::encoders::hf::read_json(dir, "model_index.json")
-        .ok()
-        .and_then(|v| {
-            v["_class_name"]
-                .as_str()
-                .map(|c| c == "StableDiffusion3Pipeline")
-        })
-        .unwrap_or(false)
+    pipeline_class_is(dir, "StableDiffusion3Pipeline")
 }
 
 fn check_layout(dir: &Path) -> Result<ConfigReader> {
-    let parts = &PARTS[..];
-    if !dir.join("model_index.json").exists() {
-        return Err(load_err(format!(
-            "{}: no model_index.json; an SD3 pipeline is a diffusers folder (model_index.json, {}/)",
-            dir.display(),
-            parts.join("/, ")
-        )));
-    }
-    let index = ConfigReader::read(dir, "model_index.json")?;
-    let class = index.str("_class_name").unwrap_or("");
-    if class != "StableDiffusion3Pipeline" {
-        return Err(index.error(format!(
-            "_class_name = {class:?}: the SD3 loader reads StableDiffusion3Pipeline folders"
-        )));
-    }
-    for part in parts {
-        let entry = &index.value()[*part];
-        if entry.is_null() || entry.get(1).is_some_and(Value::is_null) {
-            return Err(index.error(format!(
-                "the pipeline has no {part} (pipelines without the T5 encoder are not supported)"
-            )));
-        }
-        if !dir.join(part).is_dir() {
-            return Err(load_err(format!(
-                "{}: missing; model_index.json lists {part} but the folder has no {part}/ sub-folder \
-                 (copy or download the whole pipeline)",
-                dir.join(part).display()
-            )));
-        }
-    }
-    Ok(index)
-}
-
-fn part_var_builder(
-    dir: &Path,
-    stem: &str,
-    device: &Device,
-) -> Result<(VarBuilder<'static>, String)> {
-    let files = part_weight_files(dir, stem)?;
-    for f in &files {
-        // SAFETY: memory-mapped read-only; model files are not modified while loaded.
-        unsafe { candle_core::safetensors::MmapedSafetensors::new(f) }.map_err(|e| {
-            load_err(format!(
-                "{}: not a readable safetensors file ({}); it is truncated or corrupt (or a git-lfs pointer): \
-                 download it again",
-                f.display(),
-                plain(e)
-            ))
-        })?;
-    }
-    let label = files[0].display().to_string();
-    // SAFETY: as above.
-    let vb = unsafe { VarBuilder::from_mmaped_safetensors(&files, DType::F32, device) }
-        .map_err(|e| load_err(format!("{label}: {}", plain(e))))?;
-    Ok((vb, label))
+    common::check_layout(
+        dir,
+        &Layout {
+            class: "StableDiffusion3Pipeline",
+            parts: &PARTS,
+            what: "an SD3 pipeline is a diffusers folder",
+            wrong_class: "the SD3 loader reads StableDiffusion3Pipeline folders",
+            missing_note: |_| " (pipelines without the T5 encoder are not supported)".into(),
+        },
+    )
 }
 
 // ------------------------------------------------------------------ CLIP with projection
@@ -1154,36 +1101,14 @@ fn fingerprint(dir: &Path, max_sequence_length: usize) -> Result<String> {
             names.push(format!("{p}/{f}"));
         }
     }
-    for name in &names {
-        if let Ok(b) = std::fs::read(dir.join(name)) {
-            h.update(name.as_bytes());
-            h.update((b.len() as u64).to_le_bytes());
-            h.update(&b);
-        }
-    }
-    for (part, stem) in [
+    let weights = [
         ("text_encoder", "model"),
         ("text_encoder_2", "model"),
         ("text_encoder_3", "model"),
         ("transformer", "diffusion_pytorch_model"),
         ("vae", "diffusion_pytorch_model"),
-    ] {
-        for f in part_weight_files(&dir.join(part), stem)? {
-            let io = |e: std::io::Error| load_err(format!("{}: {e}", f.display()));
-            let mut file = std::fs::File::open(&f).map_err(io)?;
-            let len = file.metadata().map_err(io)?.len();
-            h.update(part.as_bytes());
-            h.update(len.to_le_bytes());
-            const MIB: u64 = 1 << 20;
-            for start in [0, len.saturating_sub(MIB)] {
-                let mut buf = vec![0u8; MIB.min(len.saturating_sub(start)) as usize];
-                file.seek(SeekFrom::Start(start)).map_err(io)?;
-                file.read_exact(&mut buf).map_err(io)?;
-                h.update(&buf);
-            }
-        }
-    }
-    Ok(hex::encode(&h.finalize()[..16]))
+    ];
+    common::fingerprint(h, dir, &names, &weights)
 }
 
 // ------------------------------------------------------------------ generator

@@ -30,7 +30,6 @@
 //! layout (`tests/generator_parity.rs`, fixture made by
 //! `scripts/fixtures/make_generator_fixtures.py`).
 
-use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, IndexOp, Module, Tensor};
@@ -40,6 +39,7 @@ use serde_json::Value;
 use sha2::{Digest, Sha256};
 use tokenizers::{AddedToken, Tokenizer};
 
+use super::common::{self, no_note, part_var_builder, Layout};
 use super::euler::{EulerDiscrete, EulerDiscreteConfig};
 use super::unet::{UNet2DCondition, UNetConfig};
 use crate::encoders::hf::{load_err, parse_spec, plain, ConfigReader, ModelSource};
@@ -129,34 +129,16 @@ pub fn resolve_pipeline(spec: &str) -> Result<(PathBuf, String)> {
 
 /// Checks `model_index.json` and that every part's folder is there.
 fn check_layout(dir: &Path) -> Result<ConfigReader> {
-    if !dir.join("model_index.json").exists() {
-        return Err(load_err(format!(
-            "{}: no model_index.json; an image generator is a diffusers pipeline folder (model_index.json, {}/)",
-            dir.display(),
-            PARTS.join("/, ")
-        )));
-    }
-    let index = ConfigReader::read(dir, "model_index.json")?;
-    let class = index.str("_class_name").unwrap_or("");
-    if class != "StableDiffusionPipeline" {
-        return Err(index.error(format!(
-            "_class_name = {class:?}: only StableDiffusionPipeline (SD 1.x/2.x, SD-Turbo) is implemented"
-        )));
-    }
-    for part in PARTS {
-        let entry = &index.value()[part];
-        if entry.is_null() || entry.get(1).is_some_and(Value::is_null) {
-            return Err(index.error(format!("the pipeline has no {part}")));
-        }
-        if !dir.join(part).is_dir() {
-            return Err(load_err(format!(
-                "{}: missing; model_index.json lists {part} but the folder has no {part}/ sub-folder \
-                 (copy or download the whole pipeline)",
-                dir.join(part).display()
-            )));
-        }
-    }
-    Ok(index)
+    common::check_layout(
+        dir,
+        &Layout {
+            class: "StableDiffusionPipeline",
+            parts: &PARTS,
+            what: "an image generator is a diffusers pipeline folder",
+            wrong_class: "only StableDiffusionPipeline (SD 1.x/2.x, SD-Turbo) is implemented",
+            missing_note: no_note,
+        },
+    )
 }
 
 /// The safetensors weights of a part: `<stem>.safetensors`, else
@@ -205,30 +187,6 @@ pub fn part_weight_files(dir: &Path, stem: &str) -> Result<Vec<PathBuf>> {
             String::new()
         }
     )))
-}
-
-fn part_var_builder(
-    dir: &Path,
-    stem: &str,
-    device: &Device,
-) -> Result<(VarBuilder<'static>, String)> {
-    let files = part_weight_files(dir, stem)?;
-    for f in &files {
-        // SAFETY: memory-mapped read-only; model files are not modified while loaded.
-        unsafe { candle_core::safetensors::MmapedSafetensors::new(f) }.map_err(|e| {
-            load_err(format!(
-                "{}: not a readable safetensors file ({}); it is truncated or corrupt (or a git-lfs pointer): \
-                 download it again",
-                f.display(),
-                plain(e)
-            ))
-        })?;
-    }
-    let label = files[0].display().to_string();
-    // SAFETY: as above.
-    let vb = unsafe { VarBuilder::from_mmaped_safetensors(&files, DType::F32, device) }
-        .map_err(|e| load_err(format!("{label}: {}", plain(e))))?;
-    Ok((vb, label))
 }
 
 pub(crate) fn weights_err(label: &str, e: candle_core::Error) -> WorkerError {
@@ -845,34 +803,12 @@ fn fingerprint(dir: &Path) -> Result<String> {
         "tokenizer/merges.txt",
         "tokenizer/tokenizer.json",
     ];
-    for name in files {
-        if let Ok(b) = std::fs::read(dir.join(name)) {
-            h.update(name.as_bytes());
-            h.update((b.len() as u64).to_le_bytes());
-            h.update(&b);
-        }
-    }
-    for (part, stem) in [
+    let weights = [
         ("text_encoder", "model"),
         ("unet", "diffusion_pytorch_model"),
         ("vae", "diffusion_pytorch_model"),
-    ] {
-        for f in part_weight_files(&dir.join(part), stem)? {
-            let io = |e: std::io::Error| load_err(format!("{}: {e}", f.display()));
-            let mut file = std::fs::File::open(&f).map_err(io)?;
-            let len = file.metadata().map_err(io)?.len();
-            h.update(part.as_bytes());
-            h.update(len.to_le_bytes());
-            const MIB: u64 = 1 << 20;
-            for start in [0, len.saturating_sub(MIB)] {
-                let mut buf = vec![0u8; MIB.min(len.saturating_sub(start)) as usize];
-                file.seek(SeekFrom::Start(start)).map_err(io)?;
-                file.read_exact(&mut buf).map_err(io)?;
-                h.update(&buf);
-            }
-        }
-    }
-    Ok(hex::encode(&h.finalize()[..16]))
+    ];
+    common::fingerprint(h, dir, &files, &weights)
 }
 
 // ------------------------------------------------------------------ generator

@@ -42,22 +42,20 @@
 //! layout (`tests/sdxl_parity.rs`, fixture made by
 //! `scripts/fixtures/make_sdxl_fixtures.py`).
 
-use std::io::{Read, Seek, SeekFrom};
 use std::path::Path;
 
 use candle_core::{DType, Device, IndexOp, Module, Tensor};
 use candle_nn::{embedding, layer_norm, linear_no_bias, Embedding, LayerNorm, Linear, VarBuilder};
 use candle_transformers::models::stable_diffusion::vae::AutoEncoderKL;
-use serde_json::Value;
 use sha2::{Digest, Sha256};
 
+use super::common::{self, part_var_builder, pipeline_class_is, Layout};
 use super::euler::{EulerDiscrete, EulerDiscreteConfig};
 use super::sd_turbo::{
-    part_weight_files, resolve_pipeline, vae_config, weights_err, ClipTextConfig, PromptTokenizer,
-    VaeDefaults,
+    resolve_pipeline, vae_config, weights_err, ClipTextConfig, PromptTokenizer, VaeDefaults,
 };
 use super::unet::{UNet2DCondition, UNetConfig};
-use crate::encoders::hf::{load_err, plain, ConfigReader};
+use crate::encoders::hf::ConfigReader;
 use crate::encoders::layers::{causal_mask, EncoderLayer};
 use crate::generator::DiffusionSettings;
 use crate::seed::{derive_seed, gaussian};
@@ -76,66 +74,22 @@ pub const PARTS: [&str; 7] = [
 
 /// Whether `dir/model_index.json` names `StableDiffusionXLPipeline`.
 pub fn is_sdxl_pipeline(dir: &Path) -> bool {
-    crate::encoders::hf::read_json(dir, "model_index.json")
-        .map(|v| v["_class_name"] == "StableDiffusionXLPipeline")
-        .unwrap_or(false)
+    pipeline_class_is(dir, "StableDiffusionXLPipeline")
 }
 
 fn check_layout(dir: &Path) -> Result<ConfigReader> {
-    if !dir.join("model_index.json").exists() {
-        return Err(load_err(format!(
-            "{}: no model_index.json; an SDXL generator is a diffusers pipeline folder (model_index.json, {}/)",
-            dir.display(),
-            PARTS.join("/, ")
-        )));
-    }
-    let index = ConfigReader::read(dir, "model_index.json")?;
-    let class = index.str("_class_name").unwrap_or("");
-    if class != "StableDiffusionXLPipeline" {
-        return Err(index.error(format!(
-            "_class_name = {class:?}: not a StableDiffusionXLPipeline"
-        )));
-    }
-    for part in PARTS {
-        let entry = &index.value()[part];
-        if entry.is_null() || entry.get(1).is_some_and(Value::is_null) {
-            return Err(index.error(format!(
-                "the pipeline has no {part} (SDXL refiner-style pipelines without {part} are not supported)"
-            )));
-        }
-        if !dir.join(part).is_dir() {
-            return Err(load_err(format!(
-                "{}: missing; model_index.json lists {part} but the folder has no {part}/ sub-folder \
-                 (copy or download the whole pipeline)",
-                dir.join(part).display()
-            )));
-        }
-    }
-    Ok(index)
-}
-
-fn part_var_builder(
-    dir: &Path,
-    stem: &str,
-    device: &Device,
-) -> Result<(VarBuilder<'static>, String)> {
-    let files = part_weight_files(dir, stem)?;
-    for f in &files {
-        // SAFETY: memory-mapped read-only; model files are not modified while loaded.
-        unsafe { candle_core::safetensors::MmapedSafetensors::new(f) }.map_err(|e| {
-            load_err(format!(
-                "{}: not a readable safetensors file ({}); it is truncated or corrupt (or a git-lfs pointer): \
-                 download it again",
-                f.display(),
-                plain(e)
-            ))
-        })?;
-    }
-    let label = files[0].display().to_string();
-    // SAFETY: as above.
-    let vb = unsafe { VarBuilder::from_mmaped_safetensors(&files, DType::F32, device) }
-        .map_err(|e| load_err(format!("{label}: {}", plain(e))))?;
-    Ok((vb, label))
+    common::check_layout(
+        dir,
+        &Layout {
+            class: "StableDiffusionXLPipeline",
+            parts: &PARTS,
+            what: "an SDXL generator is a diffusers pipeline folder",
+            wrong_class: "not a StableDiffusionXLPipeline",
+            missing_note: |part| {
+                format!(" (SDXL refiner-style pipelines without {part} are not supported)")
+            },
+        },
+    )
 }
 
 // ------------------------------------------------------------------ text encoders
@@ -723,35 +677,13 @@ fn fingerprint(dir: &Path) -> Result<String> {
             files.push(format!("{tok}/{f}"));
         }
     }
-    for name in &files {
-        if let Ok(b) = std::fs::read(dir.join(name)) {
-            h.update(name.as_bytes());
-            h.update((b.len() as u64).to_le_bytes());
-            h.update(&b);
-        }
-    }
-    for (part, stem) in [
+    let weights = [
         ("text_encoder", "model"),
         ("text_encoder_2", "model"),
         ("unet", "diffusion_pytorch_model"),
         ("vae", "diffusion_pytorch_model"),
-    ] {
-        for f in part_weight_files(&dir.join(part), stem)? {
-            let io = |e: std::io::Error| load_err(format!("{}: {e}", f.display()));
-            let mut file = std::fs::File::open(&f).map_err(io)?;
-            let len = file.metadata().map_err(io)?.len();
-            h.update(part.as_bytes());
-            h.update(len.to_le_bytes());
-            const MIB: u64 = 1 << 20;
-            for start in [0, len.saturating_sub(MIB)] {
-                let mut buf = vec![0u8; MIB.min(len.saturating_sub(start)) as usize];
-                file.seek(SeekFrom::Start(start)).map_err(io)?;
-                file.read_exact(&mut buf).map_err(io)?;
-                h.update(&buf);
-            }
-        }
-    }
-    Ok(hex::encode(&h.finalize()[..16]))
+    ];
+    common::fingerprint(h, dir, &files, &weights)
 }
 
 // ------------------------------------------------------------------ generator

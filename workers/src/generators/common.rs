@@ -1,0 +1,151 @@
+//! Code the diffusers pipelines ([`super::sd_turbo`], [`super::sdxl`],
+//! [`super::sd3`], [`super::flux`]) share: reading a pipeline folder
+//! (layout check, weights, checkpoint fingerprint), the VAE's output as
+//! images, the initial noise of a request and the [`ImageGenerator`]
+//! wrapper. Each pipeline used to carry its own copy; what differs between
+//! them (class name, parts, message wording, files hashed) is a parameter.
+
+use std::io::{Read, Seek, SeekFrom};
+use std::path::Path;
+
+use candle_core::{DType, Device};
+use candle_nn::VarBuilder;
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+
+use super::sd_turbo::part_weight_files;
+use crate::encoders::hf::{load_err, plain, ConfigReader};
+use crate::Result;
+
+// ------------------------------------------------------------------ folder
+
+/// Whether `dir/model_index.json` names the pipeline class `class`.
+pub fn pipeline_class_is(dir: &Path, class: &str) -> bool {
+    crate::encoders::hf::read_json(dir, "model_index.json")
+        .ok()
+        .and_then(|v| v["_class_name"].as_str().map(|c| c == class))
+        .unwrap_or(false)
+}
+
+/// What [`check_layout`] checks a pipeline folder against, and the wording
+/// of its errors (kept per pipeline: the messages tell users what the
+/// loader they called reads).
+pub struct Layout<'a> {
+    /// `model_index.json`'s `_class_name`, e.g. `FluxPipeline`.
+    pub class: &'a str,
+    /// The sub-folders the pipeline needs.
+    pub parts: &'a [&'a str],
+    /// Completes "no model_index.json; {what} (model_index.json, parts/)",
+    /// e.g. "a FLUX pipeline is a diffusers folder".
+    pub what: &'a str,
+    /// Completes "_class_name = \"X\": {wrong_class}".
+    pub wrong_class: &'a str,
+    /// Appended to "the pipeline has no {part}" (given the part).
+    pub missing_note: fn(&str) -> String,
+}
+
+/// No note after "the pipeline has no {part}".
+pub fn no_note(_: &str) -> String {
+    String::new()
+}
+
+/// Checks `model_index.json` (present, the right class, every part listed)
+/// and that every part's folder is there; returns the index.
+pub fn check_layout(dir: &Path, layout: &Layout) -> Result<ConfigReader> {
+    if !dir.join("model_index.json").exists() {
+        return Err(load_err(format!(
+            "{}: no model_index.json; {} (model_index.json, {}/)",
+            dir.display(),
+            layout.what,
+            layout.parts.join("/, ")
+        )));
+    }
+    let index = ConfigReader::read(dir, "model_index.json")?;
+    let class = index.str("_class_name").unwrap_or("");
+    if class != layout.class {
+        return Err(index.error(format!("_class_name = {class:?}: {}", layout.wrong_class)));
+    }
+    for part in layout.parts {
+        let entry = &index.value()[*part];
+        if entry.is_null() || entry.get(1).is_some_and(Value::is_null) {
+            return Err(index.error(format!(
+                "the pipeline has no {part}{}",
+                (layout.missing_note)(part)
+            )));
+        }
+        if !dir.join(part).is_dir() {
+            return Err(load_err(format!(
+                "{}: missing; model_index.json lists {part} but the folder has no {part}/ sub-folder \
+                 (copy or download the whole pipeline)",
+                dir.join(part).display()
+            )));
+        }
+    }
+    Ok(index)
+}
+
+/// A part's weights (see [`part_weight_files`]) memory-mapped as f32, each
+/// file checked to be readable safetensors first (so a truncated file or a
+/// git-lfs pointer is named); also returns the first file's path as a label
+/// for later errors.
+pub fn part_var_builder(
+    dir: &Path,
+    stem: &str,
+    device: &Device,
+) -> Result<(VarBuilder<'static>, String)> {
+    let files = part_weight_files(dir, stem)?;
+    for f in &files {
+        // SAFETY: memory-mapped read-only; model files are not modified while loaded.
+        unsafe { candle_core::safetensors::MmapedSafetensors::new(f) }.map_err(|e| {
+            load_err(format!(
+                "{}: not a readable safetensors file ({}); it is truncated or corrupt (or a git-lfs pointer): \
+                 download it again",
+                f.display(),
+                plain(e)
+            ))
+        })?;
+    }
+    let label = files[0].display().to_string();
+    // SAFETY: as above.
+    let vb = unsafe { VarBuilder::from_mmaped_safetensors(&files, DType::F32, device) }
+        .map_err(|e| load_err(format!("{label}: {}", plain(e))))?;
+    Ok((vb, label))
+}
+
+/// A checkpoint fingerprint: `h` (already fed the pipeline's tag and
+/// settings) then, in order, each of `files` that exists (name, length,
+/// bytes) and, for each `(part, stem)` of `weights`, each weight file's
+/// length and its first and last MiB (hashing whole multi-GB files would
+/// make every load slow). The first 16 bytes of the digest, hex.
+pub fn fingerprint<S: AsRef<str>>(
+    mut h: Sha256,
+    dir: &Path,
+    files: &[S],
+    weights: &[(&str, &str)],
+) -> Result<String> {
+    for name in files {
+        let name = name.as_ref();
+        if let Ok(b) = std::fs::read(dir.join(name)) {
+            h.update(name.as_bytes());
+            h.update((b.len() as u64).to_le_bytes());
+            h.update(&b);
+        }
+    }
+    for &(part, stem) in weights {
+        for f in part_weight_files(&dir.join(part), stem)? {
+            let io = |e: std::io::Error| load_err(format!("{}: {e}", f.display()));
+            let mut file = std::fs::File::open(&f).map_err(io)?;
+            let len = file.metadata().map_err(io)?.len();
+            h.update(part.as_bytes());
+            h.update(len.to_le_bytes());
+            const MIB: u64 = 1 << 20;
+            for start in [0, len.saturating_sub(MIB)] {
+                let mut buf = vec![0u8; MIB.min(len.saturating_sub(start)) as usize];
+                file.seek(SeekFrom::Start(start)).map_err(io)?;
+                file.read_exact(&mut buf).map_err(io)?;
+                h.update(&buf);
+            }
+        }
+    }
+    Ok(hex::encode(&h.finalize()[..16]))
+}
