@@ -8,14 +8,16 @@
 use std::io::{Read, Seek, SeekFrom};
 use std::path::Path;
 
-use candle_core::{DType, Device};
+use candle_core::{DType, Device, IndexOp, Tensor};
 use candle_nn::VarBuilder;
+use candle_transformers::models::stable_diffusion::vae::AutoEncoderKL;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
 use super::sd_turbo::part_weight_files;
 use crate::encoders::hf::{load_err, plain, ConfigReader};
-use crate::Result;
+use crate::seed::gaussian;
+use crate::{GenerateRequest, Result, RgbImage, WorkerError};
 
 // ------------------------------------------------------------------ folder
 
@@ -148,4 +150,65 @@ pub fn fingerprint<S: AsRef<str>>(
         }
     }
     Ok(hex::encode(&h.finalize()[..16]))
+}
+
+// ------------------------------------------------------------------ latents and images
+
+/// The initial latents of a request, (1, c, h, w): its `init_latents`
+/// ((c, h, w) row-major, what diffusers' `latents=` takes; the RNG is not
+/// used), else a standard Gaussian from its seed. SD/SD-Turbo, SDXL and SD3
+/// share it; FLUX packs its latents and words the error for that.
+pub fn initial_latents(
+    r: &GenerateRequest,
+    (c, h, w): (usize, usize, usize),
+    device: &Device,
+) -> Result<Tensor> {
+    let n = c * h * w;
+    let v = match &r.init_latents {
+        Some(l) if l.len() == n => l.clone(),
+        Some(l) => {
+            return Err(WorkerError::Invalid(format!(
+                "init_latents has {} values, the model needs {c}x{h}x{w} = {n}",
+                l.len()
+            )))
+        }
+        None => gaussian(r.seed, n),
+    };
+    Ok(Tensor::from_vec(v, (1, c, h, w), device)?)
+}
+
+/// `vae.decode` of each latent of the batch `x` on its own, concatenated
+/// (B, 3, H, W): candle's VAE lets batch items interact, diffusers' does
+/// not. `x` is already scaled (and shifted) as the pipeline needs.
+pub fn vae_decode_each(vae: &AutoEncoderKL, x: &Tensor) -> Result<Tensor> {
+    let parts = (0..x.dim(0)?)
+        .map(|i| vae.decode(&x.i(i..i + 1)?))
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    Ok(Tensor::cat(&parts, 0)?)
+}
+
+/// The VAE's output in [0, 1] as diffusers' image processor makes it:
+/// `(raw / 2 + 0.5).clamp(0, 1)`.
+pub fn unit_range(raw: &Tensor) -> Result<Tensor> {
+    Ok(((raw / 2.0)? + 0.5)?.clamp(0f32, 1f32)?)
+}
+
+/// Images (B, 3, H, W) in [0, 1] as `output_type="pil"` makes them:
+/// `(x * 255).round()` as u8.
+pub fn to_rgb(images: &Tensor) -> Result<Vec<RgbImage>> {
+    let images = (images * 255.0)?
+        .round()?
+        .to_dtype(DType::U8)?
+        .to_device(&Device::Cpu)?;
+    let mut out = Vec::new();
+    for i in 0..images.dim(0)? {
+        let hwc = images.i(i)?.permute((1, 2, 0))?.contiguous()?;
+        let (h, w, _) = hwc.dims3()?;
+        let data = hwc.flatten_all()?.to_vec1::<u8>()?;
+        out.push(
+            RgbImage::from_raw(w as u32, h as u32, data)
+                .ok_or_else(|| WorkerError::Invalid("decoded image has the wrong size".into()))?,
+        );
+    }
+    Ok(out)
 }

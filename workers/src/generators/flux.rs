@@ -1045,15 +1045,12 @@ impl FluxPipeline {
         let (_, h, w) = self.latent_shape();
         let x = unpack_latents(latents, h, w)?;
         let x = ((x / self.scaling_factor)? + self.shift_factor)?;
-        let parts = (0..x.dim(0)?)
-            .map(|i| self.vae.decode(&x.i(i..i + 1)?))
-            .collect::<candle_core::Result<Vec<_>>>()?;
-        Ok(Tensor::cat(&parts, 0)?)
+        common::vae_decode_each(&self.vae, &x)
     }
 
     /// The image in [0, 1]: `(decode_raw / 2 + 0.5).clamp(0, 1)`.
     pub fn decode(&self, latents: &Tensor) -> Result<Tensor> {
-        Ok(((self.decode_raw(latents)? / 2.0)? + 0.5)?.clamp(0f32, 1f32)?)
+        common::unit_range(&self.decode_raw(latents)?)
     }
 
     /// The packed initial latents of a request: its `init_latents` (packed,
@@ -1087,7 +1084,7 @@ impl FluxPipeline {
         let init = self.initial_latents(r)?;
         let latents = self.denoise(&pooled, &states, &init, steps, guidance)?;
         let image = self.decode(&latents)?;
-        Ok(super::sd_turbo::SdTurboPipeline::to_rgb(&image)?.remove(0))
+        Ok(common::to_rgb(&image)?.remove(0))
     }
 }
 

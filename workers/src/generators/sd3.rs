@@ -57,7 +57,6 @@ use super::sd_turbo::{
 use crate::encoders::hf::ConfigReader;
 use crate::encoders::layers::{causal_mask, EncoderLayer};
 use crate::generator::DiffusionSettings;
-use crate::seed::gaussian;
 use crate::{GenerateRequest, ImageGenerator, ModelInfo, Result, RgbImage, WorkerError};
 
 // ------------------------------------------------------------------ folder
@@ -1020,35 +1019,19 @@ impl Sd3Pipeline {
     /// `vae.decode(latents / scaling_factor + shift_factor)` (B, 3, H, W).
     pub fn decode_raw(&self, latents: &Tensor) -> Result<Tensor> {
         let x = ((latents / self.scaling_factor)? + self.shift_factor)?;
-        let parts = (0..x.dim(0)?)
-            .map(|i| self.vae.decode(&x.i(i..i + 1)?))
-            .collect::<candle_core::Result<Vec<_>>>()?;
-        Ok(Tensor::cat(&parts, 0)?)
+        common::vae_decode_each(&self.vae, &x)
     }
 
     /// The image in [0, 1]: `(decode_raw / 2 + 0.5).clamp(0, 1)`.
     pub fn decode(&self, latents: &Tensor) -> Result<Tensor> {
-        Ok(((self.decode_raw(latents)? / 2.0)? + 0.5)?.clamp(0f32, 1f32)?)
+        common::unit_range(&self.decode_raw(latents)?)
     }
 
     /// The initial latents of a request: its `init_latents` ((C, h, w)
     /// row-major, what diffusers' `latents=` takes; the RNG is not used),
     /// else a standard Gaussian from its seed.
     pub fn initial_latents(&self, r: &GenerateRequest) -> Result<Tensor> {
-        let (c, h, w) = self.latent_shape();
-        let n = c * h * w;
-        match &r.init_latents {
-            Some(v) if v.len() == n => Ok(Tensor::from_vec(v.clone(), (1, c, h, w), &self.device)?),
-            Some(v) => Err(WorkerError::Invalid(format!(
-                "init_latents has {} values, the model needs {c}x{h}x{w} = {n}",
-                v.len()
-            ))),
-            None => Ok(Tensor::from_vec(
-                gaussian(r.seed, n),
-                (1, c, h, w),
-                &self.device,
-            )?),
-        }
+        common::initial_latents(r, self.latent_shape(), &self.device)
     }
 
     /// One image for one request (classifier-free guidance with the empty
@@ -1068,7 +1051,7 @@ impl Sd3Pipeline {
         let init = self.initial_latents(r)?;
         let latents = self.denoise(&cond, uncond.as_ref(), &init, steps, guidance)?;
         let image = self.decode(&latents)?;
-        Ok(super::sd_turbo::SdTurboPipeline::to_rgb(&image)?.remove(0))
+        Ok(common::to_rgb(&image)?.remove(0))
     }
 }
 

@@ -32,7 +32,7 @@
 
 use std::path::{Path, PathBuf};
 
-use candle_core::{DType, Device, IndexOp, Module, Tensor};
+use candle_core::{Device, IndexOp, Module, Tensor};
 use candle_nn::{embedding, layer_norm, Embedding, LayerNorm, VarBuilder};
 use candle_transformers::models::stable_diffusion::vae::{AutoEncoderKL, AutoEncoderKLConfig};
 use serde_json::Value;
@@ -45,7 +45,6 @@ use super::unet::{UNet2DCondition, UNetConfig};
 use crate::encoders::hf::{load_err, parse_spec, plain, ConfigReader, ModelSource};
 use crate::encoders::layers::{causal_mask, Encoder, TowerConfig};
 use crate::generator::DiffusionSettings;
-use crate::seed::gaussian;
 use crate::{GenerateRequest, ImageGenerator, ModelInfo, Result, RgbImage, WorkerError};
 
 // ------------------------------------------------------------------ folder
@@ -718,54 +717,23 @@ impl SdTurboPipeline {
     /// `vae.decode(latents / scaling_factor)`, in [-1, 1] roughly (B, 3, H, W),
     /// one latent at a time (candle's VAE lets batch items interact).
     pub fn decode_raw(&self, latents: &Tensor) -> Result<Tensor> {
-        let latents = (latents / self.scaling_factor)?;
-        let parts = (0..latents.dim(0)?)
-            .map(|i| self.vae.decode(&latents.i(i..i + 1)?))
-            .collect::<candle_core::Result<Vec<_>>>()?;
-        Ok(Tensor::cat(&parts, 0)?)
+        common::vae_decode_each(&self.vae, &(latents / self.scaling_factor)?)
     }
 
     /// The image in [0, 1] (B, 3, H, W): `(decode_raw / 2 + 0.5).clamp(0, 1)`.
     pub fn decode(&self, latents: &Tensor) -> Result<Tensor> {
-        Ok(((self.decode_raw(latents)? / 2.0)? + 0.5)?.clamp(0f32, 1f32)?)
+        common::unit_range(&self.decode_raw(latents)?)
     }
 
     /// Images as `output_type="pil"` makes them: `(x * 255).round()` as u8.
     pub fn to_rgb(images: &Tensor) -> Result<Vec<RgbImage>> {
-        let images = (images * 255.0)?
-            .round()?
-            .to_dtype(DType::U8)?
-            .to_device(&Device::Cpu)?;
-        let mut out = Vec::new();
-        for i in 0..images.dim(0)? {
-            let hwc = images.i(i)?.permute((1, 2, 0))?.contiguous()?;
-            let (h, w, _) = hwc.dims3()?;
-            let data = hwc.flatten_all()?.to_vec1::<u8>()?;
-            out.push(
-                RgbImage::from_raw(w as u32, h as u32, data).ok_or_else(|| {
-                    WorkerError::Invalid("decoded image has the wrong size".into())
-                })?,
-            );
-        }
-        Ok(out)
+        common::to_rgb(images)
     }
 
     /// The initial noise of a request: its `init_latents` (the RNG is not
     /// used), else a standard Gaussian from its seed.
     pub fn initial_noise(&self, r: &GenerateRequest) -> Result<Tensor> {
-        let (c, h, w) = self.latent_shape();
-        let n = c * h * w;
-        let v = match &r.init_latents {
-            Some(l) if l.len() == n => l.clone(),
-            Some(l) => {
-                return Err(WorkerError::Invalid(format!(
-                    "init_latents has {} values, the model needs {c}x{h}x{w} = {n}",
-                    l.len()
-                )))
-            }
-            None => gaussian(r.seed, n),
-        };
-        Ok(Tensor::from_vec(v, (1, c, h, w), &self.device)?)
+        common::initial_latents(r, self.latent_shape(), &self.device)
     }
 
     /// One image for one request.

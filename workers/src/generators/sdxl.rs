@@ -581,21 +581,17 @@ impl SdxlPipeline {
 
     /// `vae.decode(latents / scaling_factor)` (B, 3, H, W), one latent at a time.
     pub fn decode_raw(&self, latents: &Tensor) -> Result<Tensor> {
-        let latents = (latents / self.scaling_factor)?;
-        let parts = (0..latents.dim(0)?)
-            .map(|i| self.vae.decode(&latents.i(i..i + 1)?))
-            .collect::<candle_core::Result<Vec<_>>>()?;
-        Ok(Tensor::cat(&parts, 0)?)
+        common::vae_decode_each(&self.vae, &(latents / self.scaling_factor)?)
     }
 
     /// The image in [0, 1]: `(decode_raw / 2 + 0.5).clamp(0, 1)`.
     pub fn decode(&self, latents: &Tensor) -> Result<Tensor> {
-        Ok(((self.decode_raw(latents)? / 2.0)? + 0.5)?.clamp(0f32, 1f32)?)
+        common::unit_range(&self.decode_raw(latents)?)
     }
 
     /// Images as `output_type="pil"` makes them.
     pub fn to_rgb(images: &Tensor) -> Result<Vec<RgbImage>> {
-        super::sd_turbo::SdTurboPipeline::to_rgb(images)
+        common::to_rgb(images)
     }
 
     fn latent_tensor(&self, v: Vec<f32>) -> Result<Tensor> {
@@ -605,19 +601,7 @@ impl SdxlPipeline {
 
     /// The initial noise of a request: its `init_latents`, else a Gaussian from its seed.
     pub fn initial_noise(&self, r: &GenerateRequest) -> Result<Tensor> {
-        let (c, h, w) = self.latent_shape();
-        let n = c * h * w;
-        let v = match &r.init_latents {
-            Some(l) if l.len() == n => l.clone(),
-            Some(l) => {
-                return Err(WorkerError::Invalid(format!(
-                    "init_latents has {} values, the model needs {c}x{h}x{w} = {n}",
-                    l.len()
-                )))
-            }
-            None => gaussian(r.seed, n),
-        };
-        self.latent_tensor(v)
+        common::initial_latents(r, self.latent_shape(), &self.device)
     }
 
     /// One image for one request.
