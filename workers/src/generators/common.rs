@@ -16,8 +16,9 @@ use sha2::{Digest, Sha256};
 
 use super::sd_turbo::part_weight_files;
 use crate::encoders::hf::{load_err, plain, ConfigReader};
+use crate::generator::DiffusionSettings;
 use crate::seed::gaussian;
-use crate::{GenerateRequest, Result, RgbImage, WorkerError};
+use crate::{GenerateRequest, ImageGenerator, ModelInfo, Result, RgbImage, WorkerError};
 
 // ------------------------------------------------------------------ folder
 
@@ -211,4 +212,79 @@ pub fn to_rgb(images: &Tensor) -> Result<Vec<RgbImage>> {
         );
     }
     Ok(out)
+}
+
+// ------------------------------------------------------------------ generator
+
+/// What [`DiffusionGenerator`] needs of a pipeline; each pipeline module
+/// implements it by delegating to its own methods.
+pub trait DiffusionPipeline: Send {
+    /// [`ModelInfo::architecture`], e.g. `sd-turbo`.
+    const ARCHITECTURE: &'static str;
+    /// Builds the scheduler for `steps`, so that a bad step count fails when
+    /// the generator is made rather than at the first image.
+    fn check_steps(&self, steps: usize) -> Result<()>;
+    /// Output (width, height).
+    fn size(&self) -> (usize, usize);
+    /// Where the weights come from (a folder or `hub:repo@commit`).
+    fn source(&self) -> &str;
+    /// Whether the folder is marked as holding random weights.
+    fn random_weights(&self) -> bool;
+    /// The start of [`ModelInfo::fingerprint`]: the checkpoint's hash and
+    /// whatever else of the pipeline changes its images (e.g. a settable
+    /// resolution), e.g. `flux-pipeline-<hash>/512x512`.
+    fn fingerprint_key(&self) -> String;
+    /// One image for one request.
+    fn generate_one(&self, r: &GenerateRequest, steps: usize, guidance: f64) -> Result<RgbImage>;
+}
+
+/// A diffusers pipeline with its sampling settings as an
+/// [`ImageGenerator`] (`FluxGenerator`, `Sd3Generator`, `SdxlGenerator` and
+/// `SdTurboGenerator` are this type for their pipelines).
+pub struct DiffusionGenerator<P> {
+    pipe: P,
+    settings: DiffusionSettings,
+}
+
+impl<P: DiffusionPipeline> DiffusionGenerator<P> {
+    pub fn new(pipe: P, settings: DiffusionSettings) -> Result<Self> {
+        pipe.check_steps(settings.steps)?;
+        Ok(DiffusionGenerator { pipe, settings })
+    }
+
+    pub fn pipeline(&self) -> &P {
+        &self.pipe
+    }
+}
+
+impl<P: DiffusionPipeline> ImageGenerator for DiffusionGenerator<P> {
+    fn info(&self) -> ModelInfo {
+        ModelInfo {
+            architecture: P::ARCHITECTURE.into(),
+            source: self.pipe.source().to_string(),
+            smoke_test: self.pipe.random_weights(),
+            fingerprint: format!(
+                "{}/steps={}/guidance={}",
+                self.pipe.fingerprint_key(),
+                self.settings.steps,
+                self.settings.guidance
+            ),
+        }
+    }
+
+    fn resolution(&self) -> (u32, u32) {
+        let (w, h) = self.pipe.size();
+        (w as u32, h as u32)
+    }
+
+    /// One denoising loop per request: an image never depends on the batch.
+    fn generate(&mut self, batch: &[GenerateRequest]) -> Result<Vec<RgbImage>> {
+        batch
+            .iter()
+            .map(|r| {
+                self.pipe
+                    .generate_one(r, self.settings.steps, self.settings.guidance)
+            })
+            .collect()
+    }
 }

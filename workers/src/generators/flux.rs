@@ -44,15 +44,17 @@ use serde_json::Value;
 use sha2::{Digest, Sha256};
 use tokenizers::{PaddingParams, PaddingStrategy, Tokenizer, TruncationParams};
 
-use super::common::{self, no_note, part_var_builder, pipeline_class_is, Layout};
+use super::common::{
+    self, no_note, part_var_builder, pipeline_class_is, DiffusionGenerator, DiffusionPipeline,
+    Layout,
+};
 use super::sd_turbo::{
     resolve_pipeline, vae_config, weights_err, ClipTextConfig, ClipTextEncoder, PromptTokenizer,
     VaeDefaults,
 };
 use crate::encoders::hf::{load_err, ConfigReader};
-use crate::generator::DiffusionSettings;
 use crate::seed::gaussian;
-use crate::{GenerateRequest, ImageGenerator, ModelInfo, Result, RgbImage, WorkerError};
+use crate::{GenerateRequest, Result, RgbImage, WorkerError};
 
 // ------------------------------------------------------------------ folder
 
@@ -1118,52 +1120,37 @@ fn fingerprint(dir: &Path, max_sequence_length: usize) -> Result<String> {
 
 // ------------------------------------------------------------------ generator
 
-/// A diffusers FLUX.1 pipeline as an [`ImageGenerator`]. `guidance` is the
-/// embedded (distilled) guidance scale of FLUX.1-dev (3.5 is diffusers'
-/// default); FLUX.1-schnell ignores it. There is no unconditional pass.
-pub struct FluxGenerator {
-    pipe: FluxPipeline,
-    settings: DiffusionSettings,
-}
+/// A diffusers FLUX.1 pipeline as an [`ImageGenerator`](crate::ImageGenerator).
+/// `guidance` is the embedded (distilled) guidance scale of FLUX.1-dev (3.5 is
+/// diffusers' default); FLUX.1-schnell ignores it. There is no unconditional
+/// pass.
+pub type FluxGenerator = DiffusionGenerator<FluxPipeline>;
 
-impl FluxGenerator {
-    pub fn new(pipe: FluxPipeline, settings: DiffusionSettings) -> Result<Self> {
-        pipe.scheduler(settings.steps)?;
-        Ok(FluxGenerator { pipe, settings })
+impl DiffusionPipeline for FluxPipeline {
+    const ARCHITECTURE: &'static str = "flux";
+
+    fn check_steps(&self, steps: usize) -> Result<()> {
+        self.scheduler(steps).map(drop)
     }
 
-    pub fn pipeline(&self) -> &FluxPipeline {
-        &self.pipe
-    }
-}
-
-impl ImageGenerator for FluxGenerator {
-    fn info(&self) -> ModelInfo {
-        let (w, h) = self.pipe.resolution();
-        ModelInfo {
-            architecture: "flux".into(),
-            source: self.pipe.source.clone(),
-            smoke_test: self.pipe.random_weights,
-            fingerprint: format!(
-                "flux-pipeline-{}/{}x{}/steps={}/guidance={}",
-                self.pipe.fingerprint, w, h, self.settings.steps, self.settings.guidance
-            ),
-        }
+    fn size(&self) -> (usize, usize) {
+        self.resolution()
     }
 
-    fn resolution(&self) -> (u32, u32) {
-        let (w, h) = self.pipe.resolution();
-        (w as u32, h as u32)
+    fn source(&self) -> &str {
+        &self.source
     }
 
-    /// One denoising loop per request: an image never depends on the batch.
-    fn generate(&mut self, batch: &[GenerateRequest]) -> Result<Vec<RgbImage>> {
-        batch
-            .iter()
-            .map(|r| {
-                self.pipe
-                    .generate_one(r, self.settings.steps, self.settings.guidance)
-            })
-            .collect()
+    fn random_weights(&self) -> bool {
+        self.random_weights
+    }
+
+    fn fingerprint_key(&self) -> String {
+        let (w, h) = self.resolution();
+        format!("flux-pipeline-{}/{}x{}", self.fingerprint, w, h)
+    }
+
+    fn generate_one(&self, r: &GenerateRequest, steps: usize, guidance: f64) -> Result<RgbImage> {
+        FluxPipeline::generate_one(self, r, steps, guidance)
     }
 }

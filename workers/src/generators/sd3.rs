@@ -49,15 +49,16 @@ use candle_transformers::models::t5::{Config as T5Config, T5EncoderModel};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
-use super::common::{self, part_var_builder, pipeline_class_is, Layout};
+use super::common::{
+    self, part_var_builder, pipeline_class_is, DiffusionGenerator, DiffusionPipeline, Layout,
+};
 use super::flux::{attention, layer_norm_plain, timestep_proj, FlowMatchConfig, T5PromptTokenizer};
 use super::sd_turbo::{
     resolve_pipeline, vae_config, weights_err, ClipTextConfig, PromptTokenizer, VaeDefaults,
 };
 use crate::encoders::hf::ConfigReader;
 use crate::encoders::layers::{causal_mask, EncoderLayer};
-use crate::generator::DiffusionSettings;
-use crate::{GenerateRequest, ImageGenerator, ModelInfo, Result, RgbImage, WorkerError};
+use crate::{GenerateRequest, Result, RgbImage, WorkerError};
 
 // ------------------------------------------------------------------ folder
 
@@ -1096,52 +1097,37 @@ fn fingerprint(dir: &Path, max_sequence_length: usize) -> Result<String> {
 
 // ------------------------------------------------------------------ generator
 
-/// A diffusers Stable Diffusion 3.5 pipeline as an [`ImageGenerator`]:
-/// classifier-free guidance with scale `guidance` (GenIR: 3.5) and the empty
-/// negative prompt; values <= 1 skip the unconditional pass.
-pub struct Sd3Generator {
-    pipe: Sd3Pipeline,
-    settings: DiffusionSettings,
-}
+/// A diffusers Stable Diffusion 3.5 pipeline as an
+/// [`ImageGenerator`](crate::ImageGenerator): classifier-free guidance with
+/// scale `guidance` (GenIR: 3.5) and the empty negative prompt; values <= 1
+/// skip the unconditional pass.
+pub type Sd3Generator = DiffusionGenerator<Sd3Pipeline>;
 
-impl Sd3Generator {
-    pub fn new(pipe: Sd3Pipeline, settings: DiffusionSettings) -> Result<Self> {
-        pipe.scheduler(settings.steps)?;
-        Ok(Sd3Generator { pipe, settings })
+impl DiffusionPipeline for Sd3Pipeline {
+    const ARCHITECTURE: &'static str = "sd3";
+
+    fn check_steps(&self, steps: usize) -> Result<()> {
+        self.scheduler(steps).map(drop)
     }
 
-    pub fn pipeline(&self) -> &Sd3Pipeline {
-        &self.pipe
-    }
-}
-
-impl ImageGenerator for Sd3Generator {
-    fn info(&self) -> ModelInfo {
-        let (w, h) = self.pipe.resolution();
-        ModelInfo {
-            architecture: "sd3".into(),
-            source: self.pipe.source.clone(),
-            smoke_test: self.pipe.random_weights,
-            fingerprint: format!(
-                "sd3-pipeline-{}/{}x{}/steps={}/guidance={}",
-                self.pipe.fingerprint, w, h, self.settings.steps, self.settings.guidance
-            ),
-        }
+    fn size(&self) -> (usize, usize) {
+        self.resolution()
     }
 
-    fn resolution(&self) -> (u32, u32) {
-        let (w, h) = self.pipe.resolution();
-        (w as u32, h as u32)
+    fn source(&self) -> &str {
+        &self.source
     }
 
-    /// One denoising loop per request: an image never depends on the batch.
-    fn generate(&mut self, batch: &[GenerateRequest]) -> Result<Vec<RgbImage>> {
-        batch
-            .iter()
-            .map(|r| {
-                self.pipe
-                    .generate_one(r, self.settings.steps, self.settings.guidance)
-            })
-            .collect()
+    fn random_weights(&self) -> bool {
+        self.random_weights
+    }
+
+    fn fingerprint_key(&self) -> String {
+        let (w, h) = self.resolution();
+        format!("sd3-pipeline-{}/{}x{}", self.fingerprint, w, h)
+    }
+
+    fn generate_one(&self, r: &GenerateRequest, steps: usize, guidance: f64) -> Result<RgbImage> {
+        Sd3Pipeline::generate_one(self, r, steps, guidance)
     }
 }

@@ -39,13 +39,14 @@ use serde_json::Value;
 use sha2::{Digest, Sha256};
 use tokenizers::{AddedToken, Tokenizer};
 
-use super::common::{self, no_note, part_var_builder, Layout};
+use super::common::{
+    self, no_note, part_var_builder, DiffusionGenerator, DiffusionPipeline, Layout,
+};
 use super::euler::{EulerDiscrete, EulerDiscreteConfig};
 use super::unet::{UNet2DCondition, UNetConfig};
 use crate::encoders::hf::{load_err, parse_spec, plain, ConfigReader, ModelSource};
 use crate::encoders::layers::{causal_mask, Encoder, TowerConfig};
-use crate::generator::DiffusionSettings;
-use crate::{GenerateRequest, ImageGenerator, ModelInfo, Result, RgbImage, WorkerError};
+use crate::{GenerateRequest, Result, RgbImage, WorkerError};
 
 // ------------------------------------------------------------------ folder
 
@@ -781,50 +782,35 @@ fn fingerprint(dir: &Path) -> Result<String> {
 
 // ------------------------------------------------------------------ generator
 
-/// A diffusers SD 1.x/2.x / SD-Turbo pipeline as an [`ImageGenerator`]. SD-Turbo
-/// is meant for 1 step and guidance 0 (no unconditional pass).
-pub struct SdTurboGenerator {
-    pipe: SdTurboPipeline,
-    settings: DiffusionSettings,
-}
+/// A diffusers SD 1.x/2.x / SD-Turbo pipeline as an
+/// [`ImageGenerator`](crate::ImageGenerator). SD-Turbo is meant for 1 step and
+/// guidance 0 (no unconditional pass).
+pub type SdTurboGenerator = DiffusionGenerator<SdTurboPipeline>;
 
-impl SdTurboGenerator {
-    pub fn new(pipe: SdTurboPipeline, settings: DiffusionSettings) -> Result<Self> {
-        pipe.scheduler(settings.steps)?;
-        Ok(SdTurboGenerator { pipe, settings })
+impl DiffusionPipeline for SdTurboPipeline {
+    const ARCHITECTURE: &'static str = "sd-turbo";
+
+    fn check_steps(&self, steps: usize) -> Result<()> {
+        self.scheduler(steps).map(drop)
     }
 
-    pub fn pipeline(&self) -> &SdTurboPipeline {
-        &self.pipe
-    }
-}
-
-impl ImageGenerator for SdTurboGenerator {
-    fn info(&self) -> ModelInfo {
-        ModelInfo {
-            architecture: "sd-turbo".into(),
-            source: self.pipe.source.clone(),
-            smoke_test: self.pipe.random_weights,
-            fingerprint: format!(
-                "sd-pipeline-{}/steps={}/guidance={}",
-                self.pipe.fingerprint, self.settings.steps, self.settings.guidance
-            ),
-        }
+    fn size(&self) -> (usize, usize) {
+        self.resolution()
     }
 
-    fn resolution(&self) -> (u32, u32) {
-        let (w, h) = self.pipe.resolution();
-        (w as u32, h as u32)
+    fn source(&self) -> &str {
+        &self.source
     }
 
-    /// One denoising loop per request: an image never depends on the batch.
-    fn generate(&mut self, batch: &[GenerateRequest]) -> Result<Vec<RgbImage>> {
-        batch
-            .iter()
-            .map(|r| {
-                self.pipe
-                    .generate_one(r, self.settings.steps, self.settings.guidance)
-            })
-            .collect()
+    fn random_weights(&self) -> bool {
+        self.random_weights
+    }
+
+    fn fingerprint_key(&self) -> String {
+        format!("sd-pipeline-{}", self.fingerprint)
+    }
+
+    fn generate_one(&self, r: &GenerateRequest, steps: usize, guidance: f64) -> Result<RgbImage> {
+        SdTurboPipeline::generate_one(self, r, steps, guidance)
     }
 }

@@ -49,7 +49,9 @@ use candle_nn::{embedding, layer_norm, linear_no_bias, Embedding, LayerNorm, Lin
 use candle_transformers::models::stable_diffusion::vae::AutoEncoderKL;
 use sha2::{Digest, Sha256};
 
-use super::common::{self, part_var_builder, pipeline_class_is, Layout};
+use super::common::{
+    self, part_var_builder, pipeline_class_is, DiffusionGenerator, DiffusionPipeline, Layout,
+};
 use super::euler::{EulerDiscrete, EulerDiscreteConfig};
 use super::sd_turbo::{
     resolve_pipeline, vae_config, weights_err, ClipTextConfig, PromptTokenizer, VaeDefaults,
@@ -57,9 +59,8 @@ use super::sd_turbo::{
 use super::unet::{UNet2DCondition, UNetConfig};
 use crate::encoders::hf::ConfigReader;
 use crate::encoders::layers::{causal_mask, EncoderLayer};
-use crate::generator::DiffusionSettings;
 use crate::seed::{derive_seed, gaussian};
-use crate::{GenerateRequest, ImageGenerator, ModelInfo, Result, RgbImage, WorkerError};
+use crate::{GenerateRequest, Result, RgbImage, WorkerError};
 
 /// The sub-folders a diffusers SDXL pipeline needs.
 pub const PARTS: [&str; 7] = [
@@ -672,50 +673,35 @@ fn fingerprint(dir: &Path) -> Result<String> {
 
 // ------------------------------------------------------------------ generator
 
-/// A diffusers SDXL / SDXL-Turbo pipeline as an [`ImageGenerator`].
-/// SDXL-Turbo is meant for 1 step and guidance 0.
-pub struct SdxlGenerator {
-    pipe: SdxlPipeline,
-    settings: DiffusionSettings,
-}
+/// A diffusers SDXL / SDXL-Turbo pipeline as an
+/// [`ImageGenerator`](crate::ImageGenerator). SDXL-Turbo is meant for 1 step
+/// and guidance 0.
+pub type SdxlGenerator = DiffusionGenerator<SdxlPipeline>;
 
-impl SdxlGenerator {
-    pub fn new(pipe: SdxlPipeline, settings: DiffusionSettings) -> Result<Self> {
-        pipe.scheduler(settings.steps)?;
-        Ok(SdxlGenerator { pipe, settings })
+impl DiffusionPipeline for SdxlPipeline {
+    const ARCHITECTURE: &'static str = "sdxl-turbo";
+
+    fn check_steps(&self, steps: usize) -> Result<()> {
+        self.scheduler(steps).map(drop)
     }
 
-    pub fn pipeline(&self) -> &SdxlPipeline {
-        &self.pipe
-    }
-}
-
-impl ImageGenerator for SdxlGenerator {
-    fn info(&self) -> ModelInfo {
-        ModelInfo {
-            architecture: "sdxl-turbo".into(),
-            source: self.pipe.source.clone(),
-            smoke_test: self.pipe.random_weights,
-            fingerprint: format!(
-                "sdxl-pipeline-{}/steps={}/guidance={}",
-                self.pipe.fingerprint, self.settings.steps, self.settings.guidance
-            ),
-        }
+    fn size(&self) -> (usize, usize) {
+        self.resolution()
     }
 
-    fn resolution(&self) -> (u32, u32) {
-        let (w, h) = self.pipe.resolution();
-        (w as u32, h as u32)
+    fn source(&self) -> &str {
+        &self.source
     }
 
-    /// One denoising loop per request: an image never depends on the batch.
-    fn generate(&mut self, batch: &[GenerateRequest]) -> Result<Vec<RgbImage>> {
-        batch
-            .iter()
-            .map(|r| {
-                self.pipe
-                    .generate_one(r, self.settings.steps, self.settings.guidance)
-            })
-            .collect()
+    fn random_weights(&self) -> bool {
+        self.random_weights
+    }
+
+    fn fingerprint_key(&self) -> String {
+        format!("sdxl-pipeline-{}", self.fingerprint)
+    }
+
+    fn generate_one(&self, r: &GenerateRequest, steps: usize, guidance: f64) -> Result<RgbImage> {
+        SdxlPipeline::generate_one(self, r, steps, guidance)
     }
 }
