@@ -378,8 +378,8 @@ pub(crate) fn layer_norm_plain(x: &Tensor, eps: f64) -> candle_core::Result<Tens
     x.broadcast_div(&(var + eps)?.sqrt()?)
 }
 
-/// `x * (1 + scale) + shift` with (B, dim) scale and shift.
-fn modulate(x: &Tensor, shift: &Tensor, scale: &Tensor) -> candle_core::Result<Tensor> {
+/// `x * (1 + scale) + shift` with (B, dim) scale and shift (FLUX and SD3).
+pub(crate) fn modulate(x: &Tensor, shift: &Tensor, scale: &Tensor) -> candle_core::Result<Tensor> {
     x.broadcast_mul(&(scale.unsqueeze(1)? + 1.0)?)?
         .broadcast_add(&shift.unsqueeze(1)?)
 }
@@ -399,38 +399,40 @@ pub(crate) fn timestep_proj(t: &Tensor) -> candle_core::Result<Tensor> {
     Tensor::cat(&[args.cos()?, args.sin()?], 1)
 }
 
-/// Linear, SiLU, Linear (`TimestepEmbedding`, `PixArtAlphaTextProjection`).
-struct Mlp2 {
+/// Linear, SiLU, Linear (`TimestepEmbedding`, `PixArtAlphaTextProjection`;
+/// FLUX and SD3).
+pub(crate) struct Mlp2 {
     linear_1: Linear,
     linear_2: Linear,
 }
 
 impl Mlp2 {
-    fn new(i: usize, o: usize, vb: VarBuilder) -> candle_core::Result<Self> {
+    pub(crate) fn new(i: usize, o: usize, vb: VarBuilder) -> candle_core::Result<Self> {
         Ok(Mlp2 {
             linear_1: linear(i, o, vb.pp("linear_1"))?,
             linear_2: linear(o, o, vb.pp("linear_2"))?,
         })
     }
-    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+    pub(crate) fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         self.linear_2.forward(&self.linear_1.forward(x)?.silu()?)
     }
 }
 
-/// `FeedForward(dim, activation_fn="gelu-tanh-approximate")`.
-struct FeedForward {
+/// `FeedForward(dim, activation_fn="gelu-tanh-approximate")` (FLUX; SD3's
+/// "gelu-approximate" is the same tanh GELU).
+pub(crate) struct FeedForward {
     proj: Linear,
     out: Linear,
 }
 
 impl FeedForward {
-    fn new(dim: usize, vb: VarBuilder) -> candle_core::Result<Self> {
+    pub(crate) fn new(dim: usize, vb: VarBuilder) -> candle_core::Result<Self> {
         Ok(FeedForward {
             proj: linear(dim, 4 * dim, vb.pp("net.0.proj"))?,
             out: linear(4 * dim, dim, vb.pp("net.2"))?,
         })
     }
-    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+    pub(crate) fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         self.out.forward(&self.proj.forward(x)?.gelu()?)
     }
 }
@@ -458,30 +460,51 @@ pub(crate) fn attention(q: &Tensor, k: &Tensor, v: &Tensor) -> candle_core::Resu
     att.matmul(&v)?.transpose(1, 2)?.reshape((b, s, h * d))
 }
 
-struct Qkv {
+/// The q, k, v projections of an attention (FLUX and SD3), with RMS-normed
+/// q and k when `qk_norm` (FLUX always; SD3.5 `qk_norm="rms_norm"`).
+pub(crate) struct Qkv {
     q: Linear,
     k: Linear,
     v: Linear,
-    norm_q: RmsNorm,
-    norm_k: RmsNorm,
+    norm: Option<(RmsNorm, RmsNorm)>,
 }
 
 impl Qkv {
-    fn new(dim: usize, hd: usize, names: [&str; 5], vb: &VarBuilder) -> candle_core::Result<Self> {
+    pub(crate) fn new(
+        dim: usize,
+        hd: usize,
+        qk_norm: bool,
+        names: [&str; 5],
+        vb: &VarBuilder,
+    ) -> candle_core::Result<Self> {
         Ok(Qkv {
             q: linear(dim, dim, vb.pp(names[0]))?,
             k: linear(dim, dim, vb.pp(names[1]))?,
             v: linear(dim, dim, vb.pp(names[2]))?,
-            norm_q: rms_norm(hd, 1e-6, vb.pp(names[3]))?,
-            norm_k: rms_norm(hd, 1e-6, vb.pp(names[4]))?,
+            norm: if qk_norm {
+                Some((
+                    rms_norm(hd, 1e-6, vb.pp(names[3]))?,
+                    rms_norm(hd, 1e-6, vb.pp(names[4]))?,
+                ))
+            } else {
+                None
+            },
         })
     }
-    /// (B, S, dim) -> normalized q, k and v as (B, S, H, D).
-    fn forward(&self, x: &Tensor, heads: usize) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
+    /// (B, S, dim) -> (normalized) q, k and v as (B, S, H, D).
+    pub(crate) fn forward(
+        &self,
+        x: &Tensor,
+        heads: usize,
+    ) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
         let (b, s, dim) = x.dims3()?;
         let split = |t: Tensor| t.reshape((b, s, heads, dim / heads));
-        let q = self.norm_q.forward(&split(self.q.forward(x)?)?)?;
-        let k = self.norm_k.forward(&split(self.k.forward(x)?)?)?;
+        let mut q = split(self.q.forward(x)?)?;
+        let mut k = split(self.k.forward(x)?)?;
+        if let Some((nq, nk)) = &self.norm {
+            q = nq.forward(&q)?;
+            k = nk.forward(&k)?;
+        }
         let v = split(self.v.forward(x)?)?;
         Ok((q, k, v))
     }
@@ -507,10 +530,17 @@ impl DoubleBlock {
         Ok(DoubleBlock {
             norm1: linear(dim, 6 * dim, vb.pp("norm1.linear"))?,
             norm1_context: linear(dim, 6 * dim, vb.pp("norm1_context.linear"))?,
-            img: Qkv::new(dim, hd, ["to_q", "to_k", "to_v", "norm_q", "norm_k"], &a)?,
+            img: Qkv::new(
+                dim,
+                hd,
+                true,
+                ["to_q", "to_k", "to_v", "norm_q", "norm_k"],
+                &a,
+            )?,
             txt: Qkv::new(
                 dim,
                 hd,
+                true,
                 [
                     "add_q_proj",
                     "add_k_proj",
@@ -584,6 +614,7 @@ impl SingleBlock {
             qkv: Qkv::new(
                 dim,
                 dim / heads,
+                true,
                 ["to_q", "to_k", "to_v", "norm_q", "norm_k"],
                 &a,
             )?,

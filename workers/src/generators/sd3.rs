@@ -41,8 +41,8 @@ use std::sync::Mutex;
 
 use candle_core::{DType, Device, IndexOp, Module, Tensor};
 use candle_nn::{
-    conv2d, embedding, layer_norm, linear, linear_no_bias, rms_norm, Conv2d, Conv2dConfig,
-    Embedding, LayerNorm, Linear, RmsNorm, VarBuilder,
+    conv2d, embedding, layer_norm, linear, linear_no_bias, Conv2d, Conv2dConfig, Embedding,
+    LayerNorm, Linear, VarBuilder,
 };
 use candle_transformers::models::stable_diffusion::vae::AutoEncoderKL;
 use candle_transformers::models::t5::{Config as T5Config, T5EncoderModel};
@@ -52,7 +52,10 @@ use sha2::{Digest, Sha256};
 use super::common::{
     self, part_var_builder, pipeline_class_is, DiffusionGenerator, DiffusionPipeline, Layout,
 };
-use super::flux::{attention, layer_norm_plain, timestep_proj, FlowMatchConfig, T5PromptTokenizer};
+use super::flux::{
+    attention, layer_norm_plain, modulate, timestep_proj, FeedForward, FlowMatchConfig, Mlp2, Qkv,
+    T5PromptTokenizer,
+};
 use super::sd_turbo::{
     resolve_pipeline, vae_config, weights_err, ClipTextConfig, PromptTokenizer, VaeDefaults,
 };
@@ -385,94 +388,8 @@ impl Sd3Config {
     }
 }
 
-/// `x * (1 + scale) + shift` with (B, dim) scale and shift.
-fn modulate(x: &Tensor, shift: &Tensor, scale: &Tensor) -> candle_core::Result<Tensor> {
-    x.broadcast_mul(&(scale.unsqueeze(1)? + 1.0)?)?
-        .broadcast_add(&shift.unsqueeze(1)?)
-}
-
 fn gate(x: &Tensor, g: &Tensor) -> candle_core::Result<Tensor> {
     x.broadcast_mul(&g.unsqueeze(1)?)
-}
-
-/// Linear, SiLU, Linear (`TimestepEmbedding`, `PixArtAlphaTextProjection`).
-struct Mlp2 {
-    linear_1: Linear,
-    linear_2: Linear,
-}
-
-impl Mlp2 {
-    fn new(i: usize, o: usize, vb: VarBuilder) -> candle_core::Result<Self> {
-        Ok(Mlp2 {
-            linear_1: linear(i, o, vb.pp("linear_1"))?,
-            linear_2: linear(o, o, vb.pp("linear_2"))?,
-        })
-    }
-    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        self.linear_2.forward(&self.linear_1.forward(x)?.silu()?)
-    }
-}
-
-/// `FeedForward(dim, activation_fn="gelu-approximate")`.
-struct FeedForward {
-    proj: Linear,
-    out: Linear,
-}
-
-impl FeedForward {
-    fn new(dim: usize, vb: VarBuilder) -> candle_core::Result<Self> {
-        Ok(FeedForward {
-            proj: linear(dim, 4 * dim, vb.pp("net.0.proj"))?,
-            out: linear(4 * dim, dim, vb.pp("net.2"))?,
-        })
-    }
-    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        self.out.forward(&self.proj.forward(x)?.gelu()?)
-    }
-}
-
-struct Qkv {
-    q: Linear,
-    k: Linear,
-    v: Linear,
-    norm: Option<(RmsNorm, RmsNorm)>,
-}
-
-impl Qkv {
-    fn new(
-        dim: usize,
-        hd: usize,
-        qk_norm: bool,
-        names: [&str; 5],
-        vb: &VarBuilder,
-    ) -> candle_core::Result<Self> {
-        Ok(Qkv {
-            q: linear(dim, dim, vb.pp(names[0]))?,
-            k: linear(dim, dim, vb.pp(names[1]))?,
-            v: linear(dim, dim, vb.pp(names[2]))?,
-            norm: if qk_norm {
-                Some((
-                    rms_norm(hd, 1e-6, vb.pp(names[3]))?,
-                    rms_norm(hd, 1e-6, vb.pp(names[4]))?,
-                ))
-            } else {
-                None
-            },
-        })
-    }
-    /// (B, S, dim) -> (normalized) q, k and v as (B, S, H, D).
-    fn forward(&self, x: &Tensor, heads: usize) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
-        let (b, s, dim) = x.dims3()?;
-        let split = |t: Tensor| t.reshape((b, s, heads, dim / heads));
-        let mut q = split(self.q.forward(x)?)?;
-        let mut k = split(self.k.forward(x)?)?;
-        if let Some((nq, nk)) = &self.norm {
-            q = nq.forward(&q)?;
-            k = nk.forward(&k)?;
-        }
-        let v = split(self.v.forward(x)?)?;
-        Ok((q, k, v))
-    }
 }
 
 /// The context stream of a `JointTransformerBlock`: full (AdaLayerNormZero,
