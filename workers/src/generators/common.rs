@@ -288,3 +288,48 @@ impl<P: DiffusionPipeline> ImageGenerator for DiffusionGenerator<P> {
             .collect()
     }
 }
+
+/// Implements [`DiffusionPipeline`] for a pipeline type `$pipe` of the
+/// calling module by delegating to its own `scheduler`, `resolution` and
+/// `generate_one` methods and its `source`, `random_weights` and
+/// `fingerprint` fields, which all four pipelines have alike (a macro, so
+/// that it can read the private fields); `|p| key` makes the fingerprint key
+/// from the pipeline `p`.
+macro_rules! impl_diffusion_pipeline {
+    ($pipe:ident, $arch:literal, |$p:ident| $key:expr) => {
+        impl $crate::generators::common::DiffusionPipeline for $pipe {
+            const ARCHITECTURE: &'static str = $arch;
+
+            fn check_steps(&self, steps: usize) -> $crate::Result<()> {
+                self.scheduler(steps).map(drop)
+            }
+
+            fn size(&self) -> (usize, usize) {
+                self.resolution()
+            }
+
+            fn source(&self) -> &str {
+                &self.source
+            }
+
+            fn random_weights(&self) -> bool {
+                self.random_weights
+            }
+
+            fn fingerprint_key(&self) -> String {
+                let $p = self;
+                $key
+            }
+
+            fn generate_one(
+                &self,
+                r: &$crate::GenerateRequest,
+                steps: usize,
+                guidance: f64,
+            ) -> $crate::Result<$crate::RgbImage> {
+                $pipe::generate_one(self, r, steps, guidance)
+            }
+        }
+    };
+}
+pub(crate) use impl_diffusion_pipeline;

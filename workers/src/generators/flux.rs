@@ -45,8 +45,8 @@ use sha2::{Digest, Sha256};
 use tokenizers::{PaddingParams, PaddingStrategy, Tokenizer, TruncationParams};
 
 use super::common::{
-    self, no_note, part_var_builder, pipeline_class_is, DiffusionGenerator, DiffusionPipeline,
-    Layout,
+    self, impl_diffusion_pipeline, no_note, part_var_builder, pipeline_class_is,
+    DiffusionGenerator, Layout,
 };
 use super::sd_turbo::{
     resolve_pipeline, vae_config, weights_err, ClipTextConfig, ClipTextEncoder, PromptTokenizer,
@@ -1157,31 +1157,7 @@ fn fingerprint(dir: &Path, max_sequence_length: usize) -> Result<String> {
 /// pass.
 pub type FluxGenerator = DiffusionGenerator<FluxPipeline>;
 
-impl DiffusionPipeline for FluxPipeline {
-    const ARCHITECTURE: &'static str = "flux";
-
-    fn check_steps(&self, steps: usize) -> Result<()> {
-        self.scheduler(steps).map(drop)
-    }
-
-    fn size(&self) -> (usize, usize) {
-        self.resolution()
-    }
-
-    fn source(&self) -> &str {
-        &self.source
-    }
-
-    fn random_weights(&self) -> bool {
-        self.random_weights
-    }
-
-    fn fingerprint_key(&self) -> String {
-        let (w, h) = self.resolution();
-        format!("flux-pipeline-{}/{}x{}", self.fingerprint, w, h)
-    }
-
-    fn generate_one(&self, r: &GenerateRequest, steps: usize, guidance: f64) -> Result<RgbImage> {
-        FluxPipeline::generate_one(self, r, steps, guidance)
-    }
-}
+impl_diffusion_pipeline!(FluxPipeline, "flux", |p| {
+    let (w, h) = p.resolution();
+    format!("flux-pipeline-{}/{}x{}", p.fingerprint, w, h)
+});

@@ -50,7 +50,7 @@ use serde_json::Value;
 use sha2::{Digest, Sha256};
 
 use super::common::{
-    self, part_var_builder, pipeline_class_is, DiffusionGenerator, DiffusionPipeline, Layout,
+    self, impl_diffusion_pipeline, part_var_builder, pipeline_class_is, DiffusionGenerator, Layout,
 };
 use super::flux::{
     attention, layer_norm_plain, modulate, timestep_proj, FeedForward, FlowMatchConfig, Mlp2, Qkv,
@@ -1020,31 +1020,7 @@ fn fingerprint(dir: &Path, max_sequence_length: usize) -> Result<String> {
 /// skip the unconditional pass.
 pub type Sd3Generator = DiffusionGenerator<Sd3Pipeline>;
 
-impl DiffusionPipeline for Sd3Pipeline {
-    const ARCHITECTURE: &'static str = "sd3";
-
-    fn check_steps(&self, steps: usize) -> Result<()> {
-        self.scheduler(steps).map(drop)
-    }
-
-    fn size(&self) -> (usize, usize) {
-        self.resolution()
-    }
-
-    fn source(&self) -> &str {
-        &self.source
-    }
-
-    fn random_weights(&self) -> bool {
-        self.random_weights
-    }
-
-    fn fingerprint_key(&self) -> String {
-        let (w, h) = self.resolution();
-        format!("sd3-pipeline-{}/{}x{}", self.fingerprint, w, h)
-    }
-
-    fn generate_one(&self, r: &GenerateRequest, steps: usize, guidance: f64) -> Result<RgbImage> {
-        Sd3Pipeline::generate_one(self, r, steps, guidance)
-    }
-}
+impl_diffusion_pipeline!(Sd3Pipeline, "sd3", |p| {
+    let (w, h) = p.resolution();
+    format!("sd3-pipeline-{}/{}x{}", p.fingerprint, w, h)
+});

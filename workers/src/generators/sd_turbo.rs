@@ -40,7 +40,7 @@ use sha2::{Digest, Sha256};
 use tokenizers::{AddedToken, Tokenizer};
 
 use super::common::{
-    self, no_note, part_var_builder, DiffusionGenerator, DiffusionPipeline, Layout,
+    self, impl_diffusion_pipeline, no_note, part_var_builder, DiffusionGenerator, Layout,
 };
 use super::euler::{EulerDiscrete, EulerDiscreteConfig};
 use super::unet::{UNet2DCondition, UNetConfig};
@@ -787,30 +787,7 @@ fn fingerprint(dir: &Path) -> Result<String> {
 /// guidance 0 (no unconditional pass).
 pub type SdTurboGenerator = DiffusionGenerator<SdTurboPipeline>;
 
-impl DiffusionPipeline for SdTurboPipeline {
-    const ARCHITECTURE: &'static str = "sd-turbo";
-
-    fn check_steps(&self, steps: usize) -> Result<()> {
-        self.scheduler(steps).map(drop)
-    }
-
-    fn size(&self) -> (usize, usize) {
-        self.resolution()
-    }
-
-    fn source(&self) -> &str {
-        &self.source
-    }
-
-    fn random_weights(&self) -> bool {
-        self.random_weights
-    }
-
-    fn fingerprint_key(&self) -> String {
-        format!("sd-pipeline-{}", self.fingerprint)
-    }
-
-    fn generate_one(&self, r: &GenerateRequest, steps: usize, guidance: f64) -> Result<RgbImage> {
-        SdTurboPipeline::generate_one(self, r, steps, guidance)
-    }
-}
+impl_diffusion_pipeline!(SdTurboPipeline, "sd-turbo", |p| format!(
+    "sd-pipeline-{}",
+    p.fingerprint
+));

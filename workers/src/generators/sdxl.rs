@@ -50,7 +50,7 @@ use candle_transformers::models::stable_diffusion::vae::AutoEncoderKL;
 use sha2::{Digest, Sha256};
 
 use super::common::{
-    self, part_var_builder, pipeline_class_is, DiffusionGenerator, DiffusionPipeline, Layout,
+    self, impl_diffusion_pipeline, part_var_builder, pipeline_class_is, DiffusionGenerator, Layout,
 };
 use super::euler::{EulerDiscrete, EulerDiscreteConfig};
 use super::sd_turbo::{
@@ -678,30 +678,7 @@ fn fingerprint(dir: &Path) -> Result<String> {
 /// and guidance 0.
 pub type SdxlGenerator = DiffusionGenerator<SdxlPipeline>;
 
-impl DiffusionPipeline for SdxlPipeline {
-    const ARCHITECTURE: &'static str = "sdxl-turbo";
-
-    fn check_steps(&self, steps: usize) -> Result<()> {
-        self.scheduler(steps).map(drop)
-    }
-
-    fn size(&self) -> (usize, usize) {
-        self.resolution()
-    }
-
-    fn source(&self) -> &str {
-        &self.source
-    }
-
-    fn random_weights(&self) -> bool {
-        self.random_weights
-    }
-
-    fn fingerprint_key(&self) -> String {
-        format!("sdxl-pipeline-{}", self.fingerprint)
-    }
-
-    fn generate_one(&self, r: &GenerateRequest, steps: usize, guidance: f64) -> Result<RgbImage> {
-        SdxlPipeline::generate_one(self, r, steps, guidance)
-    }
-}
+impl_diffusion_pipeline!(SdxlPipeline, "sdxl-turbo", |p| format!(
+    "sdxl-pipeline-{}",
+    p.fingerprint
+));
