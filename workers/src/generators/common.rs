@@ -10,11 +10,11 @@ use std::path::Path;
 
 use candle_core::{DType, Device, IndexOp, Tensor};
 use candle_nn::VarBuilder;
-use candle_transformers::models::stable_diffusion::vae::AutoEncoderKL;
+use candle_transformers::models::stable_diffusion::vae::{AutoEncoderKL, AutoEncoderKLConfig};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
-use super::sd_turbo::part_weight_files;
+use super::sd_turbo::{part_weight_files, weights_err};
 use crate::encoders::hf::{load_err, plain, ConfigReader};
 use crate::generator::DiffusionSettings;
 use crate::seed::gaussian;
@@ -113,6 +113,45 @@ pub fn part_var_builder(
     let vb = unsafe { VarBuilder::from_mmaped_safetensors(&files, DType::F32, device) }
         .map_err(|e| load_err(format!("{label}: {}", plain(e))))?;
     Ok((vb, label))
+}
+
+/// The pipeline's `vae/` (`AutoencoderKL`, config from
+/// [`super::sd_turbo::vae_config`]).
+pub fn load_vae(dir: &Path, vcfg: AutoEncoderKLConfig, device: &Device) -> Result<AutoEncoderKL> {
+    let (vb, label) = part_var_builder(&dir.join("vae"), "diffusion_pytorch_model", device)?;
+    AutoEncoderKL::new(vb, 3, 3, vcfg).map_err(|e| weights_err(&label, e))
+}
+
+/// That the denoiser (config `cfg`) takes and gives the VAE's latents
+/// (unpacked: SD/SD-Turbo, SDXL and SD3).
+pub fn check_latent_channels(
+    cfg: &ConfigReader,
+    in_channels: usize,
+    out_channels: usize,
+    latent_channels: usize,
+) -> Result<()> {
+    if latent_channels != in_channels || in_channels != out_channels {
+        return Err(cfg.error(format!(
+            "in_channels = {in_channels}, out_channels = {out_channels} but the VAE has latent_channels = {latent_channels}"
+        )));
+    }
+    Ok(())
+}
+
+/// `(width, height)` rounded down to multiples of `m`, which the pipeline
+/// `name` needs (and at least `m` x `m`).
+pub fn round_resolution(
+    width: usize,
+    height: usize,
+    m: usize,
+    name: &str,
+) -> Result<(usize, usize)> {
+    if width < m || height < m {
+        return Err(WorkerError::Invalid(format!(
+            "{width}x{height}: {name} needs at least {m}x{m} pixels"
+        )));
+    }
+    Ok((width / m * m, height / m * m))
 }
 
 /// A checkpoint fingerprint: `h` (already fed the pipeline's tag and

@@ -166,6 +166,33 @@ impl T5PromptTokenizer {
     }
 }
 
+/// A T5 text encoder part (`T5EncoderModel`, FLUX's `text_encoder_2` and
+/// SD3's `text_encoder_3`) with its tokenizer part: (tokenizer, encoder,
+/// config).
+pub(crate) fn load_t5(
+    encoder_dir: &Path,
+    tokenizer_dir: &Path,
+    max_sequence_length: usize,
+    device: &Device,
+) -> Result<(T5PromptTokenizer, T5EncoderModel, T5Config)> {
+    let t5_reader = ConfigReader::read(encoder_dir, "config.json")?;
+    let t5_cfg: T5Config = serde_json::from_value(t5_reader.value().clone())
+        .map_err(|e| t5_reader.error(format!("not a T5 config ({e})")))?;
+    let tokenizer = T5PromptTokenizer::load(tokenizer_dir, max_sequence_length)?;
+    let (vb, label) = part_var_builder(encoder_dir, "model", device)?;
+    let encoder = T5EncoderModel::load(vb, &t5_cfg).map_err(|e| weights_err(&label, e))?;
+    Ok((tokenizer, encoder, t5_cfg))
+}
+
+/// The T5 states (B, L, d_model) for (B, L) u32 ids (no attention mask);
+/// candle's T5 needs `&mut` (its cache), hence the lock.
+pub(crate) fn t5_forward(t5: &Mutex<T5EncoderModel>, ids: &Tensor) -> Result<Tensor> {
+    let mut t5 = t5
+        .lock()
+        .map_err(|_| WorkerError::Invalid("T5 encoder lock poisoned".into()))?;
+    Ok(t5.forward(ids)?)
+}
+
 // ------------------------------------------------------------------ scheduler
 
 /// `FlowMatchEulerDiscreteScheduler`'s options FLUX uses.
@@ -868,13 +895,12 @@ impl FluxPipeline {
         let text_encoder =
             ClipTextEncoder::new(&text_cfg, vb).map_err(|e| weights_err(&label, e))?;
 
-        let t5_reader = ConfigReader::read(&part("text_encoder_2"), "config.json")?;
-        let t5_cfg: T5Config = serde_json::from_value(t5_reader.value().clone())
-            .map_err(|e| t5_reader.error(format!("not a T5 config ({e})")))?;
-        let tokenizer_2 = T5PromptTokenizer::load(&part("tokenizer_2"), max_sequence_length)?;
-        let (vb, label) = part_var_builder(&part("text_encoder_2"), "model", device)?;
-        let text_encoder_2 =
-            T5EncoderModel::load(vb, &t5_cfg).map_err(|e| weights_err(&label, e))?;
+        let (tokenizer_2, text_encoder_2, t5_cfg) = load_t5(
+            &part("text_encoder_2"),
+            &part("tokenizer_2"),
+            max_sequence_length,
+            device,
+        )?;
 
         let fcfg_r = ConfigReader::read(&part("transformer"), "config.json")?;
         let fcfg = FluxConfig::from_diffusers(&fcfg_r)?;
@@ -910,8 +936,7 @@ impl FluxPipeline {
             )));
         }
         let latent_channels = vcfg.latent_channels;
-        let (vb, label) = part_var_builder(&part("vae"), "diffusion_pytorch_model", device)?;
-        let vae = AutoEncoderKL::new(vb, 3, 3, vcfg).map_err(|e| weights_err(&label, e))?;
+        let vae = common::load_vae(dir, vcfg, device)?;
         // diffusers' default: default_sample_size (128) * vae_scale_factor
         let size = 128 * vae_scale_factor;
 
@@ -941,13 +966,7 @@ impl FluxPipeline {
     /// multiples of 2 vae_scale_factor, as diffusers' latents are).
     pub fn with_resolution(mut self, width: usize, height: usize) -> Result<Self> {
         let m = 2 * self.vae_scale_factor;
-        if width < m || height < m {
-            return Err(WorkerError::Invalid(format!(
-                "{width}x{height}: FLUX needs at least {m}x{m} pixels"
-            )));
-        }
-        self.width = width / m * m;
-        self.height = height / m * m;
+        (self.width, self.height) = common::round_resolution(width, height, m, "FLUX")?;
         Ok(self)
     }
 
@@ -1010,11 +1029,7 @@ impl FluxPipeline {
 
     /// The T5 states (B, L, d_model) for (B, L) u32 ids (no attention mask).
     pub fn encode_t5_ids(&self, ids: &Tensor) -> Result<Tensor> {
-        let mut t5 = self
-            .text_encoder_2
-            .lock()
-            .map_err(|_| WorkerError::Invalid("T5 encoder lock poisoned".into()))?;
-        Ok(t5.forward(ids)?)
+        t5_forward(&self.text_encoder_2, ids)
     }
 
     /// (pooled (1, hidden), T5 states (1, L, d_model)) of a prompt.

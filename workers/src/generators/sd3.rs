@@ -45,7 +45,7 @@ use candle_nn::{
     LayerNorm, Linear, VarBuilder,
 };
 use candle_transformers::models::stable_diffusion::vae::AutoEncoderKL;
-use candle_transformers::models::t5::{Config as T5Config, T5EncoderModel};
+use candle_transformers::models::t5::T5EncoderModel;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
@@ -53,8 +53,8 @@ use super::common::{
     self, impl_diffusion_pipeline, part_var_builder, pipeline_class_is, DiffusionGenerator, Layout,
 };
 use super::flux::{
-    attention, layer_norm_plain, modulate, timestep_proj, FeedForward, FlowMatchConfig, Mlp2, Qkv,
-    T5PromptTokenizer,
+    attention, layer_norm_plain, load_t5, modulate, t5_forward, timestep_proj, FeedForward,
+    FlowMatchConfig, Mlp2, Qkv, T5PromptTokenizer,
 };
 use super::sd_turbo::{
     resolve_pipeline, vae_config, weights_err, ClipTextConfig, PromptTokenizer, VaeDefaults,
@@ -733,13 +733,12 @@ impl Sd3Pipeline {
             cfg_g.vocab_size,
         )?;
 
-        let t5_reader = ConfigReader::read(&part("text_encoder_3"), "config.json")?;
-        let t5_cfg: T5Config = serde_json::from_value(t5_reader.value().clone())
-            .map_err(|e| t5_reader.error(format!("not a T5 config ({e})")))?;
-        let tokenizer_3 = T5PromptTokenizer::load(&part("tokenizer_3"), max_sequence_length)?;
-        let (vb, label) = part_var_builder(&part("text_encoder_3"), "model", device)?;
-        let text_encoder_3 =
-            T5EncoderModel::load(vb, &t5_cfg).map_err(|e| weights_err(&label, e))?;
+        let (tokenizer_3, text_encoder_3, t5_cfg) = load_t5(
+            &part("text_encoder_3"),
+            &part("tokenizer_3"),
+            max_sequence_length,
+            device,
+        )?;
 
         let tcfg_r = ConfigReader::read(&part("transformer"), "config.json")?;
         let tcfg = Sd3Config::from_diffusers(&tcfg_r)?;
@@ -775,15 +774,14 @@ impl Sd3Pipeline {
                 shift_factor: Some(0.0609),
             },
         )?;
-        if vcfg.latent_channels != tcfg.in_channels || tcfg.out_channels != tcfg.in_channels {
-            return Err(tcfg_r.error(format!(
-                "in_channels = {}, out_channels = {} but the VAE has latent_channels = {}",
-                tcfg.in_channels, tcfg.out_channels, vcfg.latent_channels
-            )));
-        }
+        common::check_latent_channels(
+            &tcfg_r,
+            tcfg.in_channels,
+            tcfg.out_channels,
+            vcfg.latent_channels,
+        )?;
         let latent_channels = vcfg.latent_channels;
-        let (vb, label) = part_var_builder(&part("vae"), "diffusion_pytorch_model", device)?;
-        let vae = AutoEncoderKL::new(vb, 3, 3, vcfg).map_err(|e| weights_err(&label, e))?;
+        let vae = common::load_vae(dir, vcfg, device)?;
         // diffusers' default: transformer sample_size * vae_scale_factor
         let size = tcfg.sample_size * vae_scale_factor;
 
@@ -815,13 +813,7 @@ impl Sd3Pipeline {
     /// multiples of vae_scale_factor x patch_size, which diffusers requires).
     pub fn with_resolution(mut self, width: usize, height: usize) -> Result<Self> {
         let m = self.vae_scale_factor * self.transformer.config().patch_size;
-        if width < m || height < m {
-            return Err(WorkerError::Invalid(format!(
-                "{width}x{height}: SD3 needs at least {m}x{m} pixels"
-            )));
-        }
-        self.width = width / m * m;
-        self.height = height / m * m;
+        (self.width, self.height) = common::round_resolution(width, height, m, "SD3")?;
         Ok(self)
     }
 
@@ -862,11 +854,7 @@ impl Sd3Pipeline {
 
     /// The T5 states (B, L, d_model) for (B, L) u32 ids (no attention mask).
     pub fn encode_t5_ids(&self, ids: &Tensor) -> Result<Tensor> {
-        let mut t5 = self
-            .text_encoder_3
-            .lock()
-            .map_err(|_| WorkerError::Invalid("T5 encoder lock poisoned".into()))?;
-        Ok(t5.forward(ids)?)
+        t5_forward(&self.text_encoder_3, ids)
     }
 
     /// diffusers' `encode_prompt` for one prompt: (prompt_embeds (1, 77 + L,

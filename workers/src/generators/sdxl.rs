@@ -413,15 +413,14 @@ impl SdxlPipeline {
                 shift_factor: None,
             },
         )?;
-        if vcfg.latent_channels != ucfg.in_channels || ucfg.in_channels != ucfg.out_channels {
-            return Err(ucfg_r.error(format!(
-                "in_channels = {}, out_channels = {} but the VAE has latent_channels = {}",
-                ucfg.in_channels, ucfg.out_channels, vcfg.latent_channels
-            )));
-        }
+        common::check_latent_channels(
+            &ucfg_r,
+            ucfg.in_channels,
+            ucfg.out_channels,
+            vcfg.latent_channels,
+        )?;
         let latent_channels = vcfg.latent_channels;
-        let (vb, label) = part_var_builder(&part("vae"), "diffusion_pytorch_model", device)?;
-        let vae = AutoEncoderKL::new(vb, 3, 3, vcfg).map_err(|e| weights_err(&label, e))?;
+        let vae = common::load_vae(dir, vcfg, device)?;
 
         Ok(SdxlPipeline {
             fingerprint: fingerprint(dir)?,
