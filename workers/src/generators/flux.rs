@@ -33,7 +33,6 @@
 //! layout (`tests/flux_parity.rs`, fixture made by
 //! `scripts/fixtures/make_flux_fixtures.py`).
 
-use std::io::{Read, Seek, SeekFrom};
 use std::path::Path;
 use std::sync::Mutex;
 
@@ -45,14 +44,17 @@ use serde_json::Value;
 use sha2::{Digest, Sha256};
 use tokenizers::{PaddingParams, PaddingStrategy, Tokenizer, TruncationParams};
 
-use super::sd_turbo::{
-    part_weight_files, resolve_pipeline, vae_config, weights_err, ClipTextConfig, ClipTextEncoder,
-    PromptTokenizer, VaeDefaults,
+use super::common::{
+    self, impl_diffusion_pipeline, no_note, part_var_builder, pipeline_class_is,
+    DiffusionGenerator, Layout,
 };
-use crate::encoders::hf::{load_err, plain, ConfigReader};
-use crate::generator::DiffusionSettings;
+use super::sd_turbo::{
+    resolve_pipeline, vae_config, weights_err, ClipTextConfig, ClipTextEncoder, PromptTokenizer,
+    VaeDefaults,
+};
+use crate::encoders::hf::{load_err, ConfigReader};
 use crate::seed::gaussian;
-use crate::{GenerateRequest, ImageGenerator, ModelInfo, Result, RgbImage, WorkerError};
+use crate::{GenerateRequest, Result, RgbImage, WorkerError};
 
 // ------------------------------------------------------------------ folder
 
@@ -69,65 +71,20 @@ pub const PARTS: [&str; 7] = [
 
 /// Whether a folder's `model_index.json` names a `FluxPipeline`.
 pub fn is_flux_pipeline(dir: &Path) -> bool {
-    crate::encoders::hf::read_json(dir, "model_index.json")
-        .ok()
-        .and_then(|v| v["_class_name"].as_str().map(|c| c == "FluxPipeline"))
-        .unwrap_or(false)
+    pipeline_class_is(dir, "FluxPipeline")
 }
 
 fn check_layout(dir: &Path) -> Result<ConfigReader> {
-    if !dir.join("model_index.json").exists() {
-        return Err(load_err(format!(
-            "{}: no model_index.json; a FLUX pipeline is a diffusers folder (model_index.json, {}/)",
-            dir.display(),
-            PARTS.join("/, ")
-        )));
-    }
-    let index = ConfigReader::read(dir, "model_index.json")?;
-    let class = index.str("_class_name").unwrap_or("");
-    if class != "FluxPipeline" {
-        return Err(index.error(format!(
-            "_class_name = {class:?}: the FLUX loader reads FluxPipeline folders"
-        )));
-    }
-    for part in PARTS {
-        let entry = &index.value()[part];
-        if entry.is_null() || entry.get(1).is_some_and(Value::is_null) {
-            return Err(index.error(format!("the pipeline has no {part}")));
-        }
-        if !dir.join(part).is_dir() {
-            return Err(load_err(format!(
-                "{}: missing; model_index.json lists {part} but the folder has no {part}/ sub-folder \
-                 (copy or download the whole pipeline)",
-                dir.join(part).display()
-            )));
-        }
-    }
-    Ok(index)
-}
-
-fn part_var_builder(
-    dir: &Path,
-    stem: &str,
-    device: &Device,
-) -> Result<(VarBuilder<'static>, String)> {
-    let files = part_weight_files(dir, stem)?;
-    for f in &files {
-        // SAFETY: memory-mapped read-only; model files are not modified while loaded.
-        unsafe { candle_core::safetensors::MmapedSafetensors::new(f) }.map_err(|e| {
-            load_err(format!(
-                "{}: not a readable safetensors file ({}); it is truncated or corrupt (or a git-lfs pointer): \
-                 download it again",
-                f.display(),
-                plain(e)
-            ))
-        })?;
-    }
-    let label = files[0].display().to_string();
-    // SAFETY: as above.
-    let vb = unsafe { VarBuilder::from_mmaped_safetensors(&files, DType::F32, device) }
-        .map_err(|e| load_err(format!("{label}: {}", plain(e))))?;
-    Ok((vb, label))
+    common::check_layout(
+        dir,
+        &Layout {
+            class: "FluxPipeline",
+            parts: &PARTS,
+            what: "a FLUX pipeline is a diffusers folder",
+            wrong_class: "the FLUX loader reads FluxPipeline folders",
+            missing_note: no_note,
+        },
+    )
 }
 
 // ------------------------------------------------------------------ T5 tokenizer
@@ -207,6 +164,33 @@ impl T5PromptTokenizer {
     pub fn max_len(&self) -> usize {
         self.max_len
     }
+}
+
+/// A T5 text encoder part (`T5EncoderModel`, FLUX's `text_encoder_2` and
+/// SD3's `text_encoder_3`) with its tokenizer part: (tokenizer, encoder,
+/// config).
+pub(crate) fn load_t5(
+    encoder_dir: &Path,
+    tokenizer_dir: &Path,
+    max_sequence_length: usize,
+    device: &Device,
+) -> Result<(T5PromptTokenizer, T5EncoderModel, T5Config)> {
+    let t5_reader = ConfigReader::read(encoder_dir, "config.json")?;
+    let t5_cfg: T5Config = serde_json::from_value(t5_reader.value().clone())
+        .map_err(|e| t5_reader.error(format!("not a T5 config ({e})")))?;
+    let tokenizer = T5PromptTokenizer::load(tokenizer_dir, max_sequence_length)?;
+    let (vb, label) = part_var_builder(encoder_dir, "model", device)?;
+    let encoder = T5EncoderModel::load(vb, &t5_cfg).map_err(|e| weights_err(&label, e))?;
+    Ok((tokenizer, encoder, t5_cfg))
+}
+
+/// The T5 states (B, L, d_model) for (B, L) u32 ids (no attention mask);
+/// candle's T5 needs `&mut` (its cache), hence the lock.
+pub(crate) fn t5_forward(t5: &Mutex<T5EncoderModel>, ids: &Tensor) -> Result<Tensor> {
+    let mut t5 = t5
+        .lock()
+        .map_err(|_| WorkerError::Invalid("T5 encoder lock poisoned".into()))?;
+    Ok(t5.forward(ids)?)
 }
 
 // ------------------------------------------------------------------ scheduler
@@ -421,8 +405,8 @@ pub(crate) fn layer_norm_plain(x: &Tensor, eps: f64) -> candle_core::Result<Tens
     x.broadcast_div(&(var + eps)?.sqrt()?)
 }
 
-/// `x * (1 + scale) + shift` with (B, dim) scale and shift.
-fn modulate(x: &Tensor, shift: &Tensor, scale: &Tensor) -> candle_core::Result<Tensor> {
+/// `x * (1 + scale) + shift` with (B, dim) scale and shift (FLUX and SD3).
+pub(crate) fn modulate(x: &Tensor, shift: &Tensor, scale: &Tensor) -> candle_core::Result<Tensor> {
     x.broadcast_mul(&(scale.unsqueeze(1)? + 1.0)?)?
         .broadcast_add(&shift.unsqueeze(1)?)
 }
@@ -442,38 +426,40 @@ pub(crate) fn timestep_proj(t: &Tensor) -> candle_core::Result<Tensor> {
     Tensor::cat(&[args.cos()?, args.sin()?], 1)
 }
 
-/// Linear, SiLU, Linear (`TimestepEmbedding`, `PixArtAlphaTextProjection`).
-struct Mlp2 {
+/// Linear, SiLU, Linear (`TimestepEmbedding`, `PixArtAlphaTextProjection`;
+/// FLUX and SD3).
+pub(crate) struct Mlp2 {
     linear_1: Linear,
     linear_2: Linear,
 }
 
 impl Mlp2 {
-    fn new(i: usize, o: usize, vb: VarBuilder) -> candle_core::Result<Self> {
+    pub(crate) fn new(i: usize, o: usize, vb: VarBuilder) -> candle_core::Result<Self> {
         Ok(Mlp2 {
             linear_1: linear(i, o, vb.pp("linear_1"))?,
             linear_2: linear(o, o, vb.pp("linear_2"))?,
         })
     }
-    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+    pub(crate) fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         self.linear_2.forward(&self.linear_1.forward(x)?.silu()?)
     }
 }
 
-/// `FeedForward(dim, activation_fn="gelu-tanh-approximate")`.
-struct FeedForward {
+/// `FeedForward(dim, activation_fn="gelu-tanh-approximate")` (FLUX; SD3's
+/// "gelu-approximate" is the same tanh GELU).
+pub(crate) struct FeedForward {
     proj: Linear,
     out: Linear,
 }
 
 impl FeedForward {
-    fn new(dim: usize, vb: VarBuilder) -> candle_core::Result<Self> {
+    pub(crate) fn new(dim: usize, vb: VarBuilder) -> candle_core::Result<Self> {
         Ok(FeedForward {
             proj: linear(dim, 4 * dim, vb.pp("net.0.proj"))?,
             out: linear(4 * dim, dim, vb.pp("net.2"))?,
         })
     }
-    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+    pub(crate) fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         self.out.forward(&self.proj.forward(x)?.gelu()?)
     }
 }
@@ -501,30 +487,51 @@ pub(crate) fn attention(q: &Tensor, k: &Tensor, v: &Tensor) -> candle_core::Resu
     att.matmul(&v)?.transpose(1, 2)?.reshape((b, s, h * d))
 }
 
-struct Qkv {
+/// The q, k, v projections of an attention (FLUX and SD3), with RMS-normed
+/// q and k when `qk_norm` (FLUX always; SD3.5 `qk_norm="rms_norm"`).
+pub(crate) struct Qkv {
     q: Linear,
     k: Linear,
     v: Linear,
-    norm_q: RmsNorm,
-    norm_k: RmsNorm,
+    norm: Option<(RmsNorm, RmsNorm)>,
 }
 
 impl Qkv {
-    fn new(dim: usize, hd: usize, names: [&str; 5], vb: &VarBuilder) -> candle_core::Result<Self> {
+    pub(crate) fn new(
+        dim: usize,
+        hd: usize,
+        qk_norm: bool,
+        names: [&str; 5],
+        vb: &VarBuilder,
+    ) -> candle_core::Result<Self> {
         Ok(Qkv {
             q: linear(dim, dim, vb.pp(names[0]))?,
             k: linear(dim, dim, vb.pp(names[1]))?,
             v: linear(dim, dim, vb.pp(names[2]))?,
-            norm_q: rms_norm(hd, 1e-6, vb.pp(names[3]))?,
-            norm_k: rms_norm(hd, 1e-6, vb.pp(names[4]))?,
+            norm: if qk_norm {
+                Some((
+                    rms_norm(hd, 1e-6, vb.pp(names[3]))?,
+                    rms_norm(hd, 1e-6, vb.pp(names[4]))?,
+                ))
+            } else {
+                None
+            },
         })
     }
-    /// (B, S, dim) -> normalized q, k and v as (B, S, H, D).
-    fn forward(&self, x: &Tensor, heads: usize) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
+    /// (B, S, dim) -> (normalized) q, k and v as (B, S, H, D).
+    pub(crate) fn forward(
+        &self,
+        x: &Tensor,
+        heads: usize,
+    ) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
         let (b, s, dim) = x.dims3()?;
         let split = |t: Tensor| t.reshape((b, s, heads, dim / heads));
-        let q = self.norm_q.forward(&split(self.q.forward(x)?)?)?;
-        let k = self.norm_k.forward(&split(self.k.forward(x)?)?)?;
+        let mut q = split(self.q.forward(x)?)?;
+        let mut k = split(self.k.forward(x)?)?;
+        if let Some((nq, nk)) = &self.norm {
+            q = nq.forward(&q)?;
+            k = nk.forward(&k)?;
+        }
         let v = split(self.v.forward(x)?)?;
         Ok((q, k, v))
     }
@@ -550,10 +557,17 @@ impl DoubleBlock {
         Ok(DoubleBlock {
             norm1: linear(dim, 6 * dim, vb.pp("norm1.linear"))?,
             norm1_context: linear(dim, 6 * dim, vb.pp("norm1_context.linear"))?,
-            img: Qkv::new(dim, hd, ["to_q", "to_k", "to_v", "norm_q", "norm_k"], &a)?,
+            img: Qkv::new(
+                dim,
+                hd,
+                true,
+                ["to_q", "to_k", "to_v", "norm_q", "norm_k"],
+                &a,
+            )?,
             txt: Qkv::new(
                 dim,
                 hd,
+                true,
                 [
                     "add_q_proj",
                     "add_k_proj",
@@ -627,6 +641,7 @@ impl SingleBlock {
             qkv: Qkv::new(
                 dim,
                 dim / heads,
+                true,
                 ["to_q", "to_k", "to_v", "norm_q", "norm_k"],
                 &a,
             )?,
@@ -880,13 +895,12 @@ impl FluxPipeline {
         let text_encoder =
             ClipTextEncoder::new(&text_cfg, vb).map_err(|e| weights_err(&label, e))?;
 
-        let t5_reader = ConfigReader::read(&part("text_encoder_2"), "config.json")?;
-        let t5_cfg: T5Config = serde_json::from_value(t5_reader.value().clone())
-            .map_err(|e| t5_reader.error(format!("not a T5 config ({e})")))?;
-        let tokenizer_2 = T5PromptTokenizer::load(&part("tokenizer_2"), max_sequence_length)?;
-        let (vb, label) = part_var_builder(&part("text_encoder_2"), "model", device)?;
-        let text_encoder_2 =
-            T5EncoderModel::load(vb, &t5_cfg).map_err(|e| weights_err(&label, e))?;
+        let (tokenizer_2, text_encoder_2, t5_cfg) = load_t5(
+            &part("text_encoder_2"),
+            &part("tokenizer_2"),
+            max_sequence_length,
+            device,
+        )?;
 
         let fcfg_r = ConfigReader::read(&part("transformer"), "config.json")?;
         let fcfg = FluxConfig::from_diffusers(&fcfg_r)?;
@@ -922,8 +936,7 @@ impl FluxPipeline {
             )));
         }
         let latent_channels = vcfg.latent_channels;
-        let (vb, label) = part_var_builder(&part("vae"), "diffusion_pytorch_model", device)?;
-        let vae = AutoEncoderKL::new(vb, 3, 3, vcfg).map_err(|e| weights_err(&label, e))?;
+        let vae = common::load_vae(dir, vcfg, device)?;
         // diffusers' default: default_sample_size (128) * vae_scale_factor
         let size = 128 * vae_scale_factor;
 
@@ -953,13 +966,7 @@ impl FluxPipeline {
     /// multiples of 2 vae_scale_factor, as diffusers' latents are).
     pub fn with_resolution(mut self, width: usize, height: usize) -> Result<Self> {
         let m = 2 * self.vae_scale_factor;
-        if width < m || height < m {
-            return Err(WorkerError::Invalid(format!(
-                "{width}x{height}: FLUX needs at least {m}x{m} pixels"
-            )));
-        }
-        self.width = width / m * m;
-        self.height = height / m * m;
+        (self.width, self.height) = common::round_resolution(width, height, m, "FLUX")?;
         Ok(self)
     }
 
@@ -1022,11 +1029,7 @@ impl FluxPipeline {
 
     /// The T5 states (B, L, d_model) for (B, L) u32 ids (no attention mask).
     pub fn encode_t5_ids(&self, ids: &Tensor) -> Result<Tensor> {
-        let mut t5 = self
-            .text_encoder_2
-            .lock()
-            .map_err(|_| WorkerError::Invalid("T5 encoder lock poisoned".into()))?;
-        Ok(t5.forward(ids)?)
+        t5_forward(&self.text_encoder_2, ids)
     }
 
     /// (pooled (1, hidden), T5 states (1, L, d_model)) of a prompt.
@@ -1090,15 +1093,12 @@ impl FluxPipeline {
         let (_, h, w) = self.latent_shape();
         let x = unpack_latents(latents, h, w)?;
         let x = ((x / self.scaling_factor)? + self.shift_factor)?;
-        let parts = (0..x.dim(0)?)
-            .map(|i| self.vae.decode(&x.i(i..i + 1)?))
-            .collect::<candle_core::Result<Vec<_>>>()?;
-        Ok(Tensor::cat(&parts, 0)?)
+        common::vae_decode_each(&self.vae, &x)
     }
 
     /// The image in [0, 1]: `(decode_raw / 2 + 0.5).clamp(0, 1)`.
     pub fn decode(&self, latents: &Tensor) -> Result<Tensor> {
-        Ok(((self.decode_raw(latents)? / 2.0)? + 0.5)?.clamp(0f32, 1f32)?)
+        common::unit_range(&self.decode_raw(latents)?)
     }
 
     /// The packed initial latents of a request: its `init_latents` (packed,
@@ -1132,7 +1132,7 @@ impl FluxPipeline {
         let init = self.initial_latents(r)?;
         let latents = self.denoise(&pooled, &states, &init, steps, guidance)?;
         let image = self.decode(&latents)?;
-        Ok(super::sd_turbo::SdTurboPipeline::to_rgb(&image)?.remove(0))
+        Ok(common::to_rgb(&image)?.remove(0))
     }
 }
 
@@ -1141,7 +1141,7 @@ fn fingerprint(dir: &Path, max_sequence_length: usize) -> Result<String> {
     let mut h = Sha256::new();
     h.update(b"mirgen-flux-pipeline-v1\0");
     h.update((max_sequence_length as u64).to_le_bytes());
-    for name in [
+    let files = [
         "model_index.json",
         "scheduler/scheduler_config.json",
         "text_encoder/config.json",
@@ -1154,85 +1154,25 @@ fn fingerprint(dir: &Path, max_sequence_length: usize) -> Result<String> {
         "tokenizer/tokenizer.json",
         "tokenizer_2/tokenizer_config.json",
         "tokenizer_2/tokenizer.json",
-    ] {
-        if let Ok(b) = std::fs::read(dir.join(name)) {
-            h.update(name.as_bytes());
-            h.update((b.len() as u64).to_le_bytes());
-            h.update(&b);
-        }
-    }
-    for (part, stem) in [
+    ];
+    let weights = [
         ("text_encoder", "model"),
         ("text_encoder_2", "model"),
         ("transformer", "diffusion_pytorch_model"),
         ("vae", "diffusion_pytorch_model"),
-    ] {
-        for f in part_weight_files(&dir.join(part), stem)? {
-            let io = |e: std::io::Error| load_err(format!("{}: {e}", f.display()));
-            let mut file = std::fs::File::open(&f).map_err(io)?;
-            let len = file.metadata().map_err(io)?.len();
-            h.update(part.as_bytes());
-            h.update(len.to_le_bytes());
-            const MIB: u64 = 1 << 20;
-            for start in [0, len.saturating_sub(MIB)] {
-                let mut buf = vec![0u8; MIB.min(len.saturating_sub(start)) as usize];
-                file.seek(SeekFrom::Start(start)).map_err(io)?;
-                file.read_exact(&mut buf).map_err(io)?;
-                h.update(&buf);
-            }
-        }
-    }
-    Ok(hex::encode(&h.finalize()[..16]))
+    ];
+    common::fingerprint(h, dir, &files, &weights)
 }
 
 // ------------------------------------------------------------------ generator
 
-/// A diffusers FLUX.1 pipeline as an [`ImageGenerator`]. `guidance` is the
-/// embedded (distilled) guidance scale of FLUX.1-dev (3.5 is diffusers'
-/// default); FLUX.1-schnell ignores it. There is no unconditional pass.
-pub struct FluxGenerator {
-    pipe: FluxPipeline,
-    settings: DiffusionSettings,
-}
+/// A diffusers FLUX.1 pipeline as an [`ImageGenerator`](crate::ImageGenerator).
+/// `guidance` is the embedded (distilled) guidance scale of FLUX.1-dev (3.5 is
+/// diffusers' default); FLUX.1-schnell ignores it. There is no unconditional
+/// pass.
+pub type FluxGenerator = DiffusionGenerator<FluxPipeline>;
 
-impl FluxGenerator {
-    pub fn new(pipe: FluxPipeline, settings: DiffusionSettings) -> Result<Self> {
-        pipe.scheduler(settings.steps)?;
-        Ok(FluxGenerator { pipe, settings })
-    }
-
-    pub fn pipeline(&self) -> &FluxPipeline {
-        &self.pipe
-    }
-}
-
-impl ImageGenerator for FluxGenerator {
-    fn info(&self) -> ModelInfo {
-        let (w, h) = self.pipe.resolution();
-        ModelInfo {
-            architecture: "flux".into(),
-            source: self.pipe.source.clone(),
-            smoke_test: self.pipe.random_weights,
-            fingerprint: format!(
-                "flux-pipeline-{}/{}x{}/steps={}/guidance={}",
-                self.pipe.fingerprint, w, h, self.settings.steps, self.settings.guidance
-            ),
-        }
-    }
-
-    fn resolution(&self) -> (u32, u32) {
-        let (w, h) = self.pipe.resolution();
-        (w as u32, h as u32)
-    }
-
-    /// One denoising loop per request: an image never depends on the batch.
-    fn generate(&mut self, batch: &[GenerateRequest]) -> Result<Vec<RgbImage>> {
-        batch
-            .iter()
-            .map(|r| {
-                self.pipe
-                    .generate_one(r, self.settings.steps, self.settings.guidance)
-            })
-            .collect()
-    }
-}
+impl_diffusion_pipeline!(FluxPipeline, "flux", |p| {
+    let (w, h) = p.resolution();
+    format!("flux-pipeline-{}/{}x{}", p.fingerprint, w, h)
+});

@@ -15,6 +15,7 @@
 //! see [`sdxl`], likewise (`tests/sdxl_parity.rs`,
 //! `scripts/fixtures/make_sdxl_fixtures.py`).
 
+pub mod common;
 pub mod euler;
 pub mod flux;
 pub mod sd3;

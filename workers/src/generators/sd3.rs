@@ -36,30 +36,32 @@
 //! layout (`tests/sd3_parity.rs`, fixture made by
 //! `scripts/fixtures/make_sd3_fixtures.py`).
 
-use std::io::{Read, Seek, SeekFrom};
 use std::path::Path;
 use std::sync::Mutex;
 
 use candle_core::{DType, Device, IndexOp, Module, Tensor};
 use candle_nn::{
-    conv2d, embedding, layer_norm, linear, linear_no_bias, rms_norm, Conv2d, Conv2dConfig,
-    Embedding, LayerNorm, Linear, RmsNorm, VarBuilder,
+    conv2d, embedding, layer_norm, linear, linear_no_bias, Conv2d, Conv2dConfig, Embedding,
+    LayerNorm, Linear, VarBuilder,
 };
 use candle_transformers::models::stable_diffusion::vae::AutoEncoderKL;
-use candle_transformers::models::t5::{Config as T5Config, T5EncoderModel};
+use candle_transformers::models::t5::T5EncoderModel;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
-use super::flux::{attention, layer_norm_plain, timestep_proj, FlowMatchConfig, T5PromptTokenizer};
-use super::sd_turbo::{
-    part_weight_files, resolve_pipeline, vae_config, weights_err, ClipTextConfig, PromptTokenizer,
-    VaeDefaults,
+use super::common::{
+    self, impl_diffusion_pipeline, part_var_builder, pipeline_class_is, DiffusionGenerator, Layout,
 };
-use crate::encoders::hf::{load_err, plain, ConfigReader};
+use super::flux::{
+    attention, layer_norm_plain, load_t5, modulate, t5_forward, timestep_proj, FeedForward,
+    FlowMatchConfig, Mlp2, Qkv, T5PromptTokenizer,
+};
+use super::sd_turbo::{
+    resolve_pipeline, vae_config, weights_err, ClipTextConfig, PromptTokenizer, VaeDefaults,
+};
+use crate::encoders::hf::ConfigReader;
 use crate::encoders::layers::{causal_mask, EncoderLayer};
-use crate::generator::DiffusionSettings;
-use crate::seed::gaussian;
-use crate::{GenerateRequest, ImageGenerator, ModelInfo, Result, RgbImage, WorkerError};
+use crate::{GenerateRequest, Result, RgbImage, WorkerError};
 
 // ------------------------------------------------------------------ folder
 
@@ -78,72 +80,20 @@ pub const PARTS: [&str; 9] = [
 
 /// Whether a folder's `model_index.json` names a `StableDiffusion3Pipeline`.
 pub fn is_sd3_pipeline(dir: &Path) -> bool {
-    crate::encoders::hf::read_json(dir, "model_index.json")
-        .ok()
-        .and_then(|v| {
-            v["_class_name"]
-                .as_str()
-                .map(|c| c == "StableDiffusion3Pipeline")
-        })
-        .unwrap_or(false)
+    pipeline_class_is(dir, "StableDiffusion3Pipeline")
 }
 
 fn check_layout(dir: &Path) -> Result<ConfigReader> {
-    let parts = &PARTS[..];
-    if !dir.join("model_index.json").exists() {
-        return Err(load_err(format!(
-            "{}: no model_index.json; an SD3 pipeline is a diffusers folder (model_index.json, {}/)",
-            dir.display(),
-            parts.join("/, ")
-        )));
-    }
-    let index = ConfigReader::read(dir, "model_index.json")?;
-    let class = index.str("_class_name").unwrap_or("");
-    if class != "StableDiffusion3Pipeline" {
-        return Err(index.error(format!(
-            "_class_name = {class:?}: the SD3 loader reads StableDiffusion3Pipeline folders"
-        )));
-    }
-    for part in parts {
-        let entry = &index.value()[*part];
-        if entry.is_null() || entry.get(1).is_some_and(Value::is_null) {
-            return Err(index.error(format!(
-                "the pipeline has no {part} (pipelines without the T5 encoder are not supported)"
-            )));
-        }
-        if !dir.join(part).is_dir() {
-            return Err(load_err(format!(
-                "{}: missing; model_index.json lists {part} but the folder has no {part}/ sub-folder \
-                 (copy or download the whole pipeline)",
-                dir.join(part).display()
-            )));
-        }
-    }
-    Ok(index)
-}
-
-fn part_var_builder(
-    dir: &Path,
-    stem: &str,
-    device: &Device,
-) -> Result<(VarBuilder<'static>, String)> {
-    let files = part_weight_files(dir, stem)?;
-    for f in &files {
-        // SAFETY: memory-mapped read-only; model files are not modified while loaded.
-        unsafe { candle_core::safetensors::MmapedSafetensors::new(f) }.map_err(|e| {
-            load_err(format!(
-                "{}: not a readable safetensors file ({}); it is truncated or corrupt (or a git-lfs pointer): \
-                 download it again",
-                f.display(),
-                plain(e)
-            ))
-        })?;
-    }
-    let label = files[0].display().to_string();
-    // SAFETY: as above.
-    let vb = unsafe { VarBuilder::from_mmaped_safetensors(&files, DType::F32, device) }
-        .map_err(|e| load_err(format!("{label}: {}", plain(e))))?;
-    Ok((vb, label))
+    common::check_layout(
+        dir,
+        &Layout {
+            class: "StableDiffusion3Pipeline",
+            parts: &PARTS,
+            what: "an SD3 pipeline is a diffusers folder",
+            wrong_class: "the SD3 loader reads StableDiffusion3Pipeline folders",
+            missing_note: |_| " (pipelines without the T5 encoder are not supported)".into(),
+        },
+    )
 }
 
 // ------------------------------------------------------------------ CLIP with projection
@@ -438,94 +388,8 @@ impl Sd3Config {
     }
 }
 
-/// `x * (1 + scale) + shift` with (B, dim) scale and shift.
-fn modulate(x: &Tensor, shift: &Tensor, scale: &Tensor) -> candle_core::Result<Tensor> {
-    x.broadcast_mul(&(scale.unsqueeze(1)? + 1.0)?)?
-        .broadcast_add(&shift.unsqueeze(1)?)
-}
-
 fn gate(x: &Tensor, g: &Tensor) -> candle_core::Result<Tensor> {
     x.broadcast_mul(&g.unsqueeze(1)?)
-}
-
-/// Linear, SiLU, Linear (`TimestepEmbedding`, `PixArtAlphaTextProjection`).
-struct Mlp2 {
-    linear_1: Linear,
-    linear_2: Linear,
-}
-
-impl Mlp2 {
-    fn new(i: usize, o: usize, vb: VarBuilder) -> candle_core::Result<Self> {
-        Ok(Mlp2 {
-            linear_1: linear(i, o, vb.pp("linear_1"))?,
-            linear_2: linear(o, o, vb.pp("linear_2"))?,
-        })
-    }
-    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        self.linear_2.forward(&self.linear_1.forward(x)?.silu()?)
-    }
-}
-
-/// `FeedForward(dim, activation_fn="gelu-approximate")`.
-struct FeedForward {
-    proj: Linear,
-    out: Linear,
-}
-
-impl FeedForward {
-    fn new(dim: usize, vb: VarBuilder) -> candle_core::Result<Self> {
-        Ok(FeedForward {
-            proj: linear(dim, 4 * dim, vb.pp("net.0.proj"))?,
-            out: linear(4 * dim, dim, vb.pp("net.2"))?,
-        })
-    }
-    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        self.out.forward(&self.proj.forward(x)?.gelu()?)
-    }
-}
-
-struct Qkv {
-    q: Linear,
-    k: Linear,
-    v: Linear,
-    norm: Option<(RmsNorm, RmsNorm)>,
-}
-
-impl Qkv {
-    fn new(
-        dim: usize,
-        hd: usize,
-        qk_norm: bool,
-        names: [&str; 5],
-        vb: &VarBuilder,
-    ) -> candle_core::Result<Self> {
-        Ok(Qkv {
-            q: linear(dim, dim, vb.pp(names[0]))?,
-            k: linear(dim, dim, vb.pp(names[1]))?,
-            v: linear(dim, dim, vb.pp(names[2]))?,
-            norm: if qk_norm {
-                Some((
-                    rms_norm(hd, 1e-6, vb.pp(names[3]))?,
-                    rms_norm(hd, 1e-6, vb.pp(names[4]))?,
-                ))
-            } else {
-                None
-            },
-        })
-    }
-    /// (B, S, dim) -> (normalized) q, k and v as (B, S, H, D).
-    fn forward(&self, x: &Tensor, heads: usize) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
-        let (b, s, dim) = x.dims3()?;
-        let split = |t: Tensor| t.reshape((b, s, heads, dim / heads));
-        let mut q = split(self.q.forward(x)?)?;
-        let mut k = split(self.k.forward(x)?)?;
-        if let Some((nq, nk)) = &self.norm {
-            q = nq.forward(&q)?;
-            k = nk.forward(&k)?;
-        }
-        let v = split(self.v.forward(x)?)?;
-        Ok((q, k, v))
-    }
 }
 
 /// The context stream of a `JointTransformerBlock`: full (AdaLayerNormZero,
@@ -869,13 +733,12 @@ impl Sd3Pipeline {
             cfg_g.vocab_size,
         )?;
 
-        let t5_reader = ConfigReader::read(&part("text_encoder_3"), "config.json")?;
-        let t5_cfg: T5Config = serde_json::from_value(t5_reader.value().clone())
-            .map_err(|e| t5_reader.error(format!("not a T5 config ({e})")))?;
-        let tokenizer_3 = T5PromptTokenizer::load(&part("tokenizer_3"), max_sequence_length)?;
-        let (vb, label) = part_var_builder(&part("text_encoder_3"), "model", device)?;
-        let text_encoder_3 =
-            T5EncoderModel::load(vb, &t5_cfg).map_err(|e| weights_err(&label, e))?;
+        let (tokenizer_3, text_encoder_3, t5_cfg) = load_t5(
+            &part("text_encoder_3"),
+            &part("tokenizer_3"),
+            max_sequence_length,
+            device,
+        )?;
 
         let tcfg_r = ConfigReader::read(&part("transformer"), "config.json")?;
         let tcfg = Sd3Config::from_diffusers(&tcfg_r)?;
@@ -911,15 +774,14 @@ impl Sd3Pipeline {
                 shift_factor: Some(0.0609),
             },
         )?;
-        if vcfg.latent_channels != tcfg.in_channels || tcfg.out_channels != tcfg.in_channels {
-            return Err(tcfg_r.error(format!(
-                "in_channels = {}, out_channels = {} but the VAE has latent_channels = {}",
-                tcfg.in_channels, tcfg.out_channels, vcfg.latent_channels
-            )));
-        }
+        common::check_latent_channels(
+            &tcfg_r,
+            tcfg.in_channels,
+            tcfg.out_channels,
+            vcfg.latent_channels,
+        )?;
         let latent_channels = vcfg.latent_channels;
-        let (vb, label) = part_var_builder(&part("vae"), "diffusion_pytorch_model", device)?;
-        let vae = AutoEncoderKL::new(vb, 3, 3, vcfg).map_err(|e| weights_err(&label, e))?;
+        let vae = common::load_vae(dir, vcfg, device)?;
         // diffusers' default: transformer sample_size * vae_scale_factor
         let size = tcfg.sample_size * vae_scale_factor;
 
@@ -951,13 +813,7 @@ impl Sd3Pipeline {
     /// multiples of vae_scale_factor x patch_size, which diffusers requires).
     pub fn with_resolution(mut self, width: usize, height: usize) -> Result<Self> {
         let m = self.vae_scale_factor * self.transformer.config().patch_size;
-        if width < m || height < m {
-            return Err(WorkerError::Invalid(format!(
-                "{width}x{height}: SD3 needs at least {m}x{m} pixels"
-            )));
-        }
-        self.width = width / m * m;
-        self.height = height / m * m;
+        (self.width, self.height) = common::round_resolution(width, height, m, "SD3")?;
         Ok(self)
     }
 
@@ -998,11 +854,7 @@ impl Sd3Pipeline {
 
     /// The T5 states (B, L, d_model) for (B, L) u32 ids (no attention mask).
     pub fn encode_t5_ids(&self, ids: &Tensor) -> Result<Tensor> {
-        let mut t5 = self
-            .text_encoder_3
-            .lock()
-            .map_err(|_| WorkerError::Invalid("T5 encoder lock poisoned".into()))?;
-        Ok(t5.forward(ids)?)
+        t5_forward(&self.text_encoder_3, ids)
     }
 
     /// diffusers' `encode_prompt` for one prompt: (prompt_embeds (1, 77 + L,
@@ -1073,35 +925,19 @@ impl Sd3Pipeline {
     /// `vae.decode(latents / scaling_factor + shift_factor)` (B, 3, H, W).
     pub fn decode_raw(&self, latents: &Tensor) -> Result<Tensor> {
         let x = ((latents / self.scaling_factor)? + self.shift_factor)?;
-        let parts = (0..x.dim(0)?)
-            .map(|i| self.vae.decode(&x.i(i..i + 1)?))
-            .collect::<candle_core::Result<Vec<_>>>()?;
-        Ok(Tensor::cat(&parts, 0)?)
+        common::vae_decode_each(&self.vae, &x)
     }
 
     /// The image in [0, 1]: `(decode_raw / 2 + 0.5).clamp(0, 1)`.
     pub fn decode(&self, latents: &Tensor) -> Result<Tensor> {
-        Ok(((self.decode_raw(latents)? / 2.0)? + 0.5)?.clamp(0f32, 1f32)?)
+        common::unit_range(&self.decode_raw(latents)?)
     }
 
     /// The initial latents of a request: its `init_latents` ((C, h, w)
     /// row-major, what diffusers' `latents=` takes; the RNG is not used),
     /// else a standard Gaussian from its seed.
     pub fn initial_latents(&self, r: &GenerateRequest) -> Result<Tensor> {
-        let (c, h, w) = self.latent_shape();
-        let n = c * h * w;
-        match &r.init_latents {
-            Some(v) if v.len() == n => Ok(Tensor::from_vec(v.clone(), (1, c, h, w), &self.device)?),
-            Some(v) => Err(WorkerError::Invalid(format!(
-                "init_latents has {} values, the model needs {c}x{h}x{w} = {n}",
-                v.len()
-            ))),
-            None => Ok(Tensor::from_vec(
-                gaussian(r.seed, n),
-                (1, c, h, w),
-                &self.device,
-            )?),
-        }
+        common::initial_latents(r, self.latent_shape(), &self.device)
     }
 
     /// One image for one request (classifier-free guidance with the empty
@@ -1121,7 +957,7 @@ impl Sd3Pipeline {
         let init = self.initial_latents(r)?;
         let latents = self.denoise(&cond, uncond.as_ref(), &init, steps, guidance)?;
         let image = self.decode(&latents)?;
-        Ok(super::sd_turbo::SdTurboPipeline::to_rgb(&image)?.remove(0))
+        Ok(common::to_rgb(&image)?.remove(0))
     }
 }
 
@@ -1154,86 +990,25 @@ fn fingerprint(dir: &Path, max_sequence_length: usize) -> Result<String> {
             names.push(format!("{p}/{f}"));
         }
     }
-    for name in &names {
-        if let Ok(b) = std::fs::read(dir.join(name)) {
-            h.update(name.as_bytes());
-            h.update((b.len() as u64).to_le_bytes());
-            h.update(&b);
-        }
-    }
-    for (part, stem) in [
+    let weights = [
         ("text_encoder", "model"),
         ("text_encoder_2", "model"),
         ("text_encoder_3", "model"),
         ("transformer", "diffusion_pytorch_model"),
         ("vae", "diffusion_pytorch_model"),
-    ] {
-        for f in part_weight_files(&dir.join(part), stem)? {
-            let io = |e: std::io::Error| load_err(format!("{}: {e}", f.display()));
-            let mut file = std::fs::File::open(&f).map_err(io)?;
-            let len = file.metadata().map_err(io)?.len();
-            h.update(part.as_bytes());
-            h.update(len.to_le_bytes());
-            const MIB: u64 = 1 << 20;
-            for start in [0, len.saturating_sub(MIB)] {
-                let mut buf = vec![0u8; MIB.min(len.saturating_sub(start)) as usize];
-                file.seek(SeekFrom::Start(start)).map_err(io)?;
-                file.read_exact(&mut buf).map_err(io)?;
-                h.update(&buf);
-            }
-        }
-    }
-    Ok(hex::encode(&h.finalize()[..16]))
+    ];
+    common::fingerprint(h, dir, &names, &weights)
 }
 
 // ------------------------------------------------------------------ generator
 
-/// A diffusers Stable Diffusion 3.5 pipeline as an [`ImageGenerator`]:
-/// classifier-free guidance with scale `guidance` (GenIR: 3.5) and the empty
-/// negative prompt; values <= 1 skip the unconditional pass.
-pub struct Sd3Generator {
-    pipe: Sd3Pipeline,
-    settings: DiffusionSettings,
-}
+/// A diffusers Stable Diffusion 3.5 pipeline as an
+/// [`ImageGenerator`](crate::ImageGenerator): classifier-free guidance with
+/// scale `guidance` (GenIR: 3.5) and the empty negative prompt; values <= 1
+/// skip the unconditional pass.
+pub type Sd3Generator = DiffusionGenerator<Sd3Pipeline>;
 
-impl Sd3Generator {
-    pub fn new(pipe: Sd3Pipeline, settings: DiffusionSettings) -> Result<Self> {
-        pipe.scheduler(settings.steps)?;
-        Ok(Sd3Generator { pipe, settings })
-    }
-
-    pub fn pipeline(&self) -> &Sd3Pipeline {
-        &self.pipe
-    }
-}
-
-impl ImageGenerator for Sd3Generator {
-    fn info(&self) -> ModelInfo {
-        let (w, h) = self.pipe.resolution();
-        ModelInfo {
-            architecture: "sd3".into(),
-            source: self.pipe.source.clone(),
-            smoke_test: self.pipe.random_weights,
-            fingerprint: format!(
-                "sd3-pipeline-{}/{}x{}/steps={}/guidance={}",
-                self.pipe.fingerprint, w, h, self.settings.steps, self.settings.guidance
-            ),
-        }
-    }
-
-    fn resolution(&self) -> (u32, u32) {
-        let (w, h) = self.pipe.resolution();
-        (w as u32, h as u32)
-    }
-
-    /// One denoising loop per request: an image never depends on the batch.
-    fn generate(&mut self, batch: &[GenerateRequest]) -> Result<Vec<RgbImage>> {
-        batch
-            .iter()
-            .map(|r| {
-                self.pipe
-                    .generate_one(r, self.settings.steps, self.settings.guidance)
-            })
-            .collect()
-    }
-}
+impl_diffusion_pipeline!(Sd3Pipeline, "sd3", |p| {
+    let (w, h) = p.resolution();
+    format!("sd3-pipeline-{}/{}x{}", p.fingerprint, w, h)
+});

@@ -30,23 +30,23 @@
 //! layout (`tests/generator_parity.rs`, fixture made by
 //! `scripts/fixtures/make_generator_fixtures.py`).
 
-use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 
-use candle_core::{DType, Device, IndexOp, Module, Tensor};
+use candle_core::{Device, IndexOp, Module, Tensor};
 use candle_nn::{embedding, layer_norm, Embedding, LayerNorm, VarBuilder};
 use candle_transformers::models::stable_diffusion::vae::{AutoEncoderKL, AutoEncoderKLConfig};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 use tokenizers::{AddedToken, Tokenizer};
 
+use super::common::{
+    self, impl_diffusion_pipeline, no_note, part_var_builder, DiffusionGenerator, Layout,
+};
 use super::euler::{EulerDiscrete, EulerDiscreteConfig};
 use super::unet::{UNet2DCondition, UNetConfig};
 use crate::encoders::hf::{load_err, parse_spec, plain, ConfigReader, ModelSource};
 use crate::encoders::layers::{causal_mask, Encoder, TowerConfig};
-use crate::generator::DiffusionSettings;
-use crate::seed::gaussian;
-use crate::{GenerateRequest, ImageGenerator, ModelInfo, Result, RgbImage, WorkerError};
+use crate::{GenerateRequest, Result, RgbImage, WorkerError};
 
 // ------------------------------------------------------------------ folder
 
@@ -129,34 +129,16 @@ pub fn resolve_pipeline(spec: &str) -> Result<(PathBuf, String)> {
 
 /// Checks `model_index.json` and that every part's folder is there.
 fn check_layout(dir: &Path) -> Result<ConfigReader> {
-    if !dir.join("model_index.json").exists() {
-        return Err(load_err(format!(
-            "{}: no model_index.json; an image generator is a diffusers pipeline folder (model_index.json, {}/)",
-            dir.display(),
-            PARTS.join("/, ")
-        )));
-    }
-    let index = ConfigReader::read(dir, "model_index.json")?;
-    let class = index.str("_class_name").unwrap_or("");
-    if class != "StableDiffusionPipeline" {
-        return Err(index.error(format!(
-            "_class_name = {class:?}: only StableDiffusionPipeline (SD 1.x/2.x, SD-Turbo) is implemented"
-        )));
-    }
-    for part in PARTS {
-        let entry = &index.value()[part];
-        if entry.is_null() || entry.get(1).is_some_and(Value::is_null) {
-            return Err(index.error(format!("the pipeline has no {part}")));
-        }
-        if !dir.join(part).is_dir() {
-            return Err(load_err(format!(
-                "{}: missing; model_index.json lists {part} but the folder has no {part}/ sub-folder \
-                 (copy or download the whole pipeline)",
-                dir.join(part).display()
-            )));
-        }
-    }
-    Ok(index)
+    common::check_layout(
+        dir,
+        &Layout {
+            class: "StableDiffusionPipeline",
+            parts: &PARTS,
+            what: "an image generator is a diffusers pipeline folder",
+            wrong_class: "only StableDiffusionPipeline (SD 1.x/2.x, SD-Turbo) is implemented",
+            missing_note: no_note,
+        },
+    )
 }
 
 /// The safetensors weights of a part: `<stem>.safetensors`, else
@@ -205,30 +187,6 @@ pub fn part_weight_files(dir: &Path, stem: &str) -> Result<Vec<PathBuf>> {
             String::new()
         }
     )))
-}
-
-fn part_var_builder(
-    dir: &Path,
-    stem: &str,
-    device: &Device,
-) -> Result<(VarBuilder<'static>, String)> {
-    let files = part_weight_files(dir, stem)?;
-    for f in &files {
-        // SAFETY: memory-mapped read-only; model files are not modified while loaded.
-        unsafe { candle_core::safetensors::MmapedSafetensors::new(f) }.map_err(|e| {
-            load_err(format!(
-                "{}: not a readable safetensors file ({}); it is truncated or corrupt (or a git-lfs pointer): \
-                 download it again",
-                f.display(),
-                plain(e)
-            ))
-        })?;
-    }
-    let label = files[0].display().to_string();
-    // SAFETY: as above.
-    let vb = unsafe { VarBuilder::from_mmaped_safetensors(&files, DType::F32, device) }
-        .map_err(|e| load_err(format!("{label}: {}", plain(e))))?;
-    Ok((vb, label))
 }
 
 pub(crate) fn weights_err(label: &str, e: candle_core::Error) -> WorkerError {
@@ -642,15 +600,14 @@ impl SdTurboPipeline {
                 shift_factor: None,
             },
         )?;
-        if vcfg.latent_channels != ucfg.in_channels || ucfg.in_channels != ucfg.out_channels {
-            return Err(ucfg_r.error(format!(
-                "in_channels = {}, out_channels = {} but the VAE has latent_channels = {}",
-                ucfg.in_channels, ucfg.out_channels, vcfg.latent_channels
-            )));
-        }
+        common::check_latent_channels(
+            &ucfg_r,
+            ucfg.in_channels,
+            ucfg.out_channels,
+            vcfg.latent_channels,
+        )?;
         let latent_channels = vcfg.latent_channels;
-        let (vb, label) = part_var_builder(&part("vae"), "diffusion_pytorch_model", device)?;
-        let vae = AutoEncoderKL::new(vb, 3, 3, vcfg).map_err(|e| weights_err(&label, e))?;
+        let vae = common::load_vae(dir, vcfg, device)?;
 
         Ok(SdTurboPipeline {
             fingerprint: fingerprint(dir)?,
@@ -760,54 +717,23 @@ impl SdTurboPipeline {
     /// `vae.decode(latents / scaling_factor)`, in [-1, 1] roughly (B, 3, H, W),
     /// one latent at a time (candle's VAE lets batch items interact).
     pub fn decode_raw(&self, latents: &Tensor) -> Result<Tensor> {
-        let latents = (latents / self.scaling_factor)?;
-        let parts = (0..latents.dim(0)?)
-            .map(|i| self.vae.decode(&latents.i(i..i + 1)?))
-            .collect::<candle_core::Result<Vec<_>>>()?;
-        Ok(Tensor::cat(&parts, 0)?)
+        common::vae_decode_each(&self.vae, &(latents / self.scaling_factor)?)
     }
 
     /// The image in [0, 1] (B, 3, H, W): `(decode_raw / 2 + 0.5).clamp(0, 1)`.
     pub fn decode(&self, latents: &Tensor) -> Result<Tensor> {
-        Ok(((self.decode_raw(latents)? / 2.0)? + 0.5)?.clamp(0f32, 1f32)?)
+        common::unit_range(&self.decode_raw(latents)?)
     }
 
     /// Images as `output_type="pil"` makes them: `(x * 255).round()` as u8.
     pub fn to_rgb(images: &Tensor) -> Result<Vec<RgbImage>> {
-        let images = (images * 255.0)?
-            .round()?
-            .to_dtype(DType::U8)?
-            .to_device(&Device::Cpu)?;
-        let mut out = Vec::new();
-        for i in 0..images.dim(0)? {
-            let hwc = images.i(i)?.permute((1, 2, 0))?.contiguous()?;
-            let (h, w, _) = hwc.dims3()?;
-            let data = hwc.flatten_all()?.to_vec1::<u8>()?;
-            out.push(
-                RgbImage::from_raw(w as u32, h as u32, data).ok_or_else(|| {
-                    WorkerError::Invalid("decoded image has the wrong size".into())
-                })?,
-            );
-        }
-        Ok(out)
+        common::to_rgb(images)
     }
 
     /// The initial noise of a request: its `init_latents` (the RNG is not
     /// used), else a standard Gaussian from its seed.
     pub fn initial_noise(&self, r: &GenerateRequest) -> Result<Tensor> {
-        let (c, h, w) = self.latent_shape();
-        let n = c * h * w;
-        let v = match &r.init_latents {
-            Some(l) if l.len() == n => l.clone(),
-            Some(l) => {
-                return Err(WorkerError::Invalid(format!(
-                    "init_latents has {} values, the model needs {c}x{h}x{w} = {n}",
-                    l.len()
-                )))
-            }
-            None => gaussian(r.seed, n),
-        };
-        Ok(Tensor::from_vec(v, (1, c, h, w), &self.device)?)
+        common::initial_latents(r, self.latent_shape(), &self.device)
     }
 
     /// One image for one request.
@@ -845,82 +771,22 @@ fn fingerprint(dir: &Path) -> Result<String> {
         "tokenizer/merges.txt",
         "tokenizer/tokenizer.json",
     ];
-    for name in files {
-        if let Ok(b) = std::fs::read(dir.join(name)) {
-            h.update(name.as_bytes());
-            h.update((b.len() as u64).to_le_bytes());
-            h.update(&b);
-        }
-    }
-    for (part, stem) in [
+    let weights = [
         ("text_encoder", "model"),
         ("unet", "diffusion_pytorch_model"),
         ("vae", "diffusion_pytorch_model"),
-    ] {
-        for f in part_weight_files(&dir.join(part), stem)? {
-            let io = |e: std::io::Error| load_err(format!("{}: {e}", f.display()));
-            let mut file = std::fs::File::open(&f).map_err(io)?;
-            let len = file.metadata().map_err(io)?.len();
-            h.update(part.as_bytes());
-            h.update(len.to_le_bytes());
-            const MIB: u64 = 1 << 20;
-            for start in [0, len.saturating_sub(MIB)] {
-                let mut buf = vec![0u8; MIB.min(len.saturating_sub(start)) as usize];
-                file.seek(SeekFrom::Start(start)).map_err(io)?;
-                file.read_exact(&mut buf).map_err(io)?;
-                h.update(&buf);
-            }
-        }
-    }
-    Ok(hex::encode(&h.finalize()[..16]))
+    ];
+    common::fingerprint(h, dir, &files, &weights)
 }
 
 // ------------------------------------------------------------------ generator
 
-/// A diffusers SD 1.x/2.x / SD-Turbo pipeline as an [`ImageGenerator`]. SD-Turbo
-/// is meant for 1 step and guidance 0 (no unconditional pass).
-pub struct SdTurboGenerator {
-    pipe: SdTurboPipeline,
-    settings: DiffusionSettings,
-}
+/// A diffusers SD 1.x/2.x / SD-Turbo pipeline as an
+/// [`ImageGenerator`](crate::ImageGenerator). SD-Turbo is meant for 1 step and
+/// guidance 0 (no unconditional pass).
+pub type SdTurboGenerator = DiffusionGenerator<SdTurboPipeline>;
 
-impl SdTurboGenerator {
-    pub fn new(pipe: SdTurboPipeline, settings: DiffusionSettings) -> Result<Self> {
-        pipe.scheduler(settings.steps)?;
-        Ok(SdTurboGenerator { pipe, settings })
-    }
-
-    pub fn pipeline(&self) -> &SdTurboPipeline {
-        &self.pipe
-    }
-}
-
-impl ImageGenerator for SdTurboGenerator {
-    fn info(&self) -> ModelInfo {
-        ModelInfo {
-            architecture: "sd-turbo".into(),
-            source: self.pipe.source.clone(),
-            smoke_test: self.pipe.random_weights,
-            fingerprint: format!(
-                "sd-pipeline-{}/steps={}/guidance={}",
-                self.pipe.fingerprint, self.settings.steps, self.settings.guidance
-            ),
-        }
-    }
-
-    fn resolution(&self) -> (u32, u32) {
-        let (w, h) = self.pipe.resolution();
-        (w as u32, h as u32)
-    }
-
-    /// One denoising loop per request: an image never depends on the batch.
-    fn generate(&mut self, batch: &[GenerateRequest]) -> Result<Vec<RgbImage>> {
-        batch
-            .iter()
-            .map(|r| {
-                self.pipe
-                    .generate_one(r, self.settings.steps, self.settings.guidance)
-            })
-            .collect()
-    }
-}
+impl_diffusion_pipeline!(SdTurboPipeline, "sd-turbo", |p| format!(
+    "sd-pipeline-{}",
+    p.fingerprint
+));

@@ -42,26 +42,25 @@
 //! layout (`tests/sdxl_parity.rs`, fixture made by
 //! `scripts/fixtures/make_sdxl_fixtures.py`).
 
-use std::io::{Read, Seek, SeekFrom};
 use std::path::Path;
 
 use candle_core::{DType, Device, IndexOp, Module, Tensor};
 use candle_nn::{embedding, layer_norm, linear_no_bias, Embedding, LayerNorm, Linear, VarBuilder};
 use candle_transformers::models::stable_diffusion::vae::AutoEncoderKL;
-use serde_json::Value;
 use sha2::{Digest, Sha256};
 
+use super::common::{
+    self, impl_diffusion_pipeline, part_var_builder, pipeline_class_is, DiffusionGenerator, Layout,
+};
 use super::euler::{EulerDiscrete, EulerDiscreteConfig};
 use super::sd_turbo::{
-    part_weight_files, resolve_pipeline, vae_config, weights_err, ClipTextConfig, PromptTokenizer,
-    VaeDefaults,
+    resolve_pipeline, vae_config, weights_err, ClipTextConfig, PromptTokenizer, VaeDefaults,
 };
 use super::unet::{UNet2DCondition, UNetConfig};
-use crate::encoders::hf::{load_err, plain, ConfigReader};
+use crate::encoders::hf::ConfigReader;
 use crate::encoders::layers::{causal_mask, EncoderLayer};
-use crate::generator::DiffusionSettings;
 use crate::seed::{derive_seed, gaussian};
-use crate::{GenerateRequest, ImageGenerator, ModelInfo, Result, RgbImage, WorkerError};
+use crate::{GenerateRequest, Result, RgbImage, WorkerError};
 
 /// The sub-folders a diffusers SDXL pipeline needs.
 pub const PARTS: [&str; 7] = [
@@ -76,66 +75,22 @@ pub const PARTS: [&str; 7] = [
 
 /// Whether `dir/model_index.json` names `StableDiffusionXLPipeline`.
 pub fn is_sdxl_pipeline(dir: &Path) -> bool {
-    crate::encoders::hf::read_json(dir, "model_index.json")
-        .map(|v| v["_class_name"] == "StableDiffusionXLPipeline")
-        .unwrap_or(false)
+    pipeline_class_is(dir, "StableDiffusionXLPipeline")
 }
 
 fn check_layout(dir: &Path) -> Result<ConfigReader> {
-    if !dir.join("model_index.json").exists() {
-        return Err(load_err(format!(
-            "{}: no model_index.json; an SDXL generator is a diffusers pipeline folder (model_index.json, {}/)",
-            dir.display(),
-            PARTS.join("/, ")
-        )));
-    }
-    let index = ConfigReader::read(dir, "model_index.json")?;
-    let class = index.str("_class_name").unwrap_or("");
-    if class != "StableDiffusionXLPipeline" {
-        return Err(index.error(format!(
-            "_class_name = {class:?}: not a StableDiffusionXLPipeline"
-        )));
-    }
-    for part in PARTS {
-        let entry = &index.value()[part];
-        if entry.is_null() || entry.get(1).is_some_and(Value::is_null) {
-            return Err(index.error(format!(
-                "the pipeline has no {part} (SDXL refiner-style pipelines without {part} are not supported)"
-            )));
-        }
-        if !dir.join(part).is_dir() {
-            return Err(load_err(format!(
-                "{}: missing; model_index.json lists {part} but the folder has no {part}/ sub-folder \
-                 (copy or download the whole pipeline)",
-                dir.join(part).display()
-            )));
-        }
-    }
-    Ok(index)
-}
-
-fn part_var_builder(
-    dir: &Path,
-    stem: &str,
-    device: &Device,
-) -> Result<(VarBuilder<'static>, String)> {
-    let files = part_weight_files(dir, stem)?;
-    for f in &files {
-        // SAFETY: memory-mapped read-only; model files are not modified while loaded.
-        unsafe { candle_core::safetensors::MmapedSafetensors::new(f) }.map_err(|e| {
-            load_err(format!(
-                "{}: not a readable safetensors file ({}); it is truncated or corrupt (or a git-lfs pointer): \
-                 download it again",
-                f.display(),
-                plain(e)
-            ))
-        })?;
-    }
-    let label = files[0].display().to_string();
-    // SAFETY: as above.
-    let vb = unsafe { VarBuilder::from_mmaped_safetensors(&files, DType::F32, device) }
-        .map_err(|e| load_err(format!("{label}: {}", plain(e))))?;
-    Ok((vb, label))
+    common::check_layout(
+        dir,
+        &Layout {
+            class: "StableDiffusionXLPipeline",
+            parts: &PARTS,
+            what: "an SDXL generator is a diffusers pipeline folder",
+            wrong_class: "not a StableDiffusionXLPipeline",
+            missing_note: |part| {
+                format!(" (SDXL refiner-style pipelines without {part} are not supported)")
+            },
+        },
+    )
 }
 
 // ------------------------------------------------------------------ text encoders
@@ -458,15 +413,14 @@ impl SdxlPipeline {
                 shift_factor: None,
             },
         )?;
-        if vcfg.latent_channels != ucfg.in_channels || ucfg.in_channels != ucfg.out_channels {
-            return Err(ucfg_r.error(format!(
-                "in_channels = {}, out_channels = {} but the VAE has latent_channels = {}",
-                ucfg.in_channels, ucfg.out_channels, vcfg.latent_channels
-            )));
-        }
+        common::check_latent_channels(
+            &ucfg_r,
+            ucfg.in_channels,
+            ucfg.out_channels,
+            vcfg.latent_channels,
+        )?;
         let latent_channels = vcfg.latent_channels;
-        let (vb, label) = part_var_builder(&part("vae"), "diffusion_pytorch_model", device)?;
-        let vae = AutoEncoderKL::new(vb, 3, 3, vcfg).map_err(|e| weights_err(&label, e))?;
+        let vae = common::load_vae(dir, vcfg, device)?;
 
         Ok(SdxlPipeline {
             fingerprint: fingerprint(dir)?,
@@ -627,21 +581,17 @@ impl SdxlPipeline {
 
     /// `vae.decode(latents / scaling_factor)` (B, 3, H, W), one latent at a time.
     pub fn decode_raw(&self, latents: &Tensor) -> Result<Tensor> {
-        let latents = (latents / self.scaling_factor)?;
-        let parts = (0..latents.dim(0)?)
-            .map(|i| self.vae.decode(&latents.i(i..i + 1)?))
-            .collect::<candle_core::Result<Vec<_>>>()?;
-        Ok(Tensor::cat(&parts, 0)?)
+        common::vae_decode_each(&self.vae, &(latents / self.scaling_factor)?)
     }
 
     /// The image in [0, 1]: `(decode_raw / 2 + 0.5).clamp(0, 1)`.
     pub fn decode(&self, latents: &Tensor) -> Result<Tensor> {
-        Ok(((self.decode_raw(latents)? / 2.0)? + 0.5)?.clamp(0f32, 1f32)?)
+        common::unit_range(&self.decode_raw(latents)?)
     }
 
     /// Images as `output_type="pil"` makes them.
     pub fn to_rgb(images: &Tensor) -> Result<Vec<RgbImage>> {
-        super::sd_turbo::SdTurboPipeline::to_rgb(images)
+        common::to_rgb(images)
     }
 
     fn latent_tensor(&self, v: Vec<f32>) -> Result<Tensor> {
@@ -651,19 +601,7 @@ impl SdxlPipeline {
 
     /// The initial noise of a request: its `init_latents`, else a Gaussian from its seed.
     pub fn initial_noise(&self, r: &GenerateRequest) -> Result<Tensor> {
-        let (c, h, w) = self.latent_shape();
-        let n = c * h * w;
-        let v = match &r.init_latents {
-            Some(l) if l.len() == n => l.clone(),
-            Some(l) => {
-                return Err(WorkerError::Invalid(format!(
-                    "init_latents has {} values, the model needs {c}x{h}x{w} = {n}",
-                    l.len()
-                )))
-            }
-            None => gaussian(r.seed, n),
-        };
-        self.latent_tensor(v)
+        common::initial_latents(r, self.latent_shape(), &self.device)
     }
 
     /// One image for one request.
@@ -723,83 +661,23 @@ fn fingerprint(dir: &Path) -> Result<String> {
             files.push(format!("{tok}/{f}"));
         }
     }
-    for name in &files {
-        if let Ok(b) = std::fs::read(dir.join(name)) {
-            h.update(name.as_bytes());
-            h.update((b.len() as u64).to_le_bytes());
-            h.update(&b);
-        }
-    }
-    for (part, stem) in [
+    let weights = [
         ("text_encoder", "model"),
         ("text_encoder_2", "model"),
         ("unet", "diffusion_pytorch_model"),
         ("vae", "diffusion_pytorch_model"),
-    ] {
-        for f in part_weight_files(&dir.join(part), stem)? {
-            let io = |e: std::io::Error| load_err(format!("{}: {e}", f.display()));
-            let mut file = std::fs::File::open(&f).map_err(io)?;
-            let len = file.metadata().map_err(io)?.len();
-            h.update(part.as_bytes());
-            h.update(len.to_le_bytes());
-            const MIB: u64 = 1 << 20;
-            for start in [0, len.saturating_sub(MIB)] {
-                let mut buf = vec![0u8; MIB.min(len.saturating_sub(start)) as usize];
-                file.seek(SeekFrom::Start(start)).map_err(io)?;
-                file.read_exact(&mut buf).map_err(io)?;
-                h.update(&buf);
-            }
-        }
-    }
-    Ok(hex::encode(&h.finalize()[..16]))
+    ];
+    common::fingerprint(h, dir, &files, &weights)
 }
 
 // ------------------------------------------------------------------ generator
 
-/// A diffusers SDXL / SDXL-Turbo pipeline as an [`ImageGenerator`].
-/// SDXL-Turbo is meant for 1 step and guidance 0.
-pub struct SdxlGenerator {
-    pipe: SdxlPipeline,
-    settings: DiffusionSettings,
-}
+/// A diffusers SDXL / SDXL-Turbo pipeline as an
+/// [`ImageGenerator`](crate::ImageGenerator). SDXL-Turbo is meant for 1 step
+/// and guidance 0.
+pub type SdxlGenerator = DiffusionGenerator<SdxlPipeline>;
 
-impl SdxlGenerator {
-    pub fn new(pipe: SdxlPipeline, settings: DiffusionSettings) -> Result<Self> {
-        pipe.scheduler(settings.steps)?;
-        Ok(SdxlGenerator { pipe, settings })
-    }
-
-    pub fn pipeline(&self) -> &SdxlPipeline {
-        &self.pipe
-    }
-}
-
-impl ImageGenerator for SdxlGenerator {
-    fn info(&self) -> ModelInfo {
-        ModelInfo {
-            architecture: "sdxl-turbo".into(),
-            source: self.pipe.source.clone(),
-            smoke_test: self.pipe.random_weights,
-            fingerprint: format!(
-                "sdxl-pipeline-{}/steps={}/guidance={}",
-                self.pipe.fingerprint, self.settings.steps, self.settings.guidance
-            ),
-        }
-    }
-
-    fn resolution(&self) -> (u32, u32) {
-        let (w, h) = self.pipe.resolution();
-        (w as u32, h as u32)
-    }
-
-    /// One denoising loop per request: an image never depends on the batch.
-    fn generate(&mut self, batch: &[GenerateRequest]) -> Result<Vec<RgbImage>> {
-        batch
-            .iter()
-            .map(|r| {
-                self.pipe
-                    .generate_one(r, self.settings.steps, self.settings.guidance)
-            })
-            .collect()
-    }
-}
+impl_diffusion_pipeline!(SdxlPipeline, "sdxl-turbo", |p| format!(
+    "sdxl-pipeline-{}",
+    p.fingerprint
+));
