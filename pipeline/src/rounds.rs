@@ -774,6 +774,54 @@ pub fn run_wave(
 mod tests {
     use super::*;
 
+    /// Encodes finished off the worker thread land in their rows; one that
+    /// failed makes only its own row `failed` (keeping the target image).
+    #[test]
+    fn overlapped_encodes_fill_their_rows_and_a_failed_one_fails_only_its_row() {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let cell = |path: &str| ImageCell {
+            bytes: vec![],
+            path: path.into(),
+        };
+        let row = |round| {
+            let mut r = Record::failed("t.jpg", round, 7, String::new());
+            r.status = RecordStatus::Ok;
+            r.error = None;
+            r.target_image = Some(ImageCell {
+                bytes: vec![1, 2],
+                path: "t.jpg".into(),
+            });
+            r.synthetic_image = Some(cell(&format!("t_{round}.png")));
+            r.query = Some(format!("query {round}"));
+            r
+        };
+        let job = |out: Result<Vec<u8>, String>| runtime.spawn_blocking(move || (out, 0.5));
+        let rows = WaveRows {
+            records: vec![row(0), row(1), row(2)],
+            encoding: vec![
+                (0, job(Ok(vec![9, 9]))),
+                (1, job(Err("disk full".into()))),
+                (2, job(Ok(vec![8]))),
+            ],
+        };
+        let (records, seconds) = rows.finish(&runtime);
+        assert_eq!(seconds, 1.5);
+        assert_eq!(
+            records[0].synthetic_image.as_ref().unwrap().bytes,
+            vec![9, 9]
+        );
+        assert_eq!(records[0].status, RecordStatus::Ok);
+        assert_eq!(records[2].synthetic_image.as_ref().unwrap().bytes, vec![8]);
+        let failed = &records[1];
+        assert_eq!(failed.status, RecordStatus::Failed);
+        assert_eq!(failed.error.as_deref(), Some("round 1 encode: disk full"));
+        assert!(failed.synthetic_image.is_none() && failed.query.is_none());
+        assert_eq!(failed.target_image.as_ref().unwrap().bytes, vec![1, 2]);
+        assert_eq!((failed.round, failed.seed), (1, 7));
+    }
+
     #[test]
     fn isolation_keeps_good_items_when_one_fails() {
         let reqs = vec![1, 2, 3];
