@@ -366,7 +366,8 @@ struct IndexArgs {
     /// Default: output/<config file name without .toml>.
     #[arg(long, value_name = "DIR|URL")]
     output: Option<String>,
-    /// Indexing threads in this process (one encoder each).
+    /// Indexing threads in this process (one encoder each, on an even share
+    /// of the cores; RAYON_NUM_THREADS sets the kernel threads of each).
     #[arg(short = 'w', long = "workers", default_value_t = 1, value_name = "N")]
     workers: usize,
     /// Number of processes in the cluster.
@@ -447,7 +448,8 @@ struct BenchArgs {
     /// Job configuration (TOML), as for `mirgen run`.
     #[arg(long, value_name = "FILE")]
     config: PathBuf,
-    /// Dataflow worker threads.
+    /// Dataflow worker threads (the sequential loop runs on all cores, each
+    /// worker on an even share; RAYON_NUM_THREADS sets the kernel threads).
     #[arg(short = 'w', long = "workers", default_value_t = 2, value_name = "N")]
     workers: usize,
     /// Use only the first N targets (sorted by id).
@@ -784,7 +786,9 @@ struct RunArgs {
     /// Default: output/<config file name without .toml>.
     #[arg(long, value_name = "DIR|URL")]
     output: Option<String>,
-    /// Timely worker threads in this process (one model replica each).
+    /// Timely worker threads in this process (one model replica each, on an
+    /// even share of the cores; RAYON_NUM_THREADS sets the kernel threads of
+    /// each worker instead).
     #[arg(short = 'w', long = "workers", default_value_t = 1, value_name = "N")]
     workers: usize,
     /// Number of processes in the cluster (timely `-n`).
