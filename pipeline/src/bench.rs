@@ -230,7 +230,7 @@ pub fn run(cfg: LoadedConfig, opts: BenchOptions) -> Result<BenchReport, Pipelin
             &index,
             std::slice::from_ref(target),
         );
-        // encoded in place (overlap_encode is off): nothing to wait for
+        // encoded in place (overlap_encode is off); finish fills in the bytes
         let (rows, _) = rows.finish(&runtime);
         seq_rows.extend(rows);
         seq_seconds.add(&seconds);

@@ -433,10 +433,10 @@ pub fn run(shared: Arc<JobShared>, timely_args: Vec<String>) -> Result<(), Strin
                                 op_stats.borrow_mut().last_admission_s = shared.started.elapsed().as_secs_f64();
                                 match (models.as_mut(), shared.ctx.index.as_ref()) {
                                     (Some(models), Some(ix)) => {
-                                        let (records, seconds) = run_wave(models, &shared.ctx, index, ix, &wave);
+                                        let (rows, seconds) = run_wave(models, &shared.ctx, index, ix, &wave);
                                         let mut st = op_stats.borrow_mut();
                                         st.seconds.add(&seconds);
-                                        op_committer.commit(records, &mut st);
+                                        op_committer.commit(rows, &mut st);
                                     }
                                     _ => shared.error(format!(
                                         "worker {index}: skipped {} targets (no models)",

@@ -146,21 +146,26 @@ struct Item {
     feedback: Option<String>,
     failed: Option<(i32, String)>,
     rows: Vec<Record>,
-    /// Drawings being encoded: (index in `rows`, job).
-    encoding: Vec<(usize, EncodeJob)>,
+    /// Encoded drawings of its rows: (index in `rows`, encode).
+    encoding: Vec<(usize, Encode)>,
     pending_vlm_ms: f32,
 }
 
-/// An image encode running off the worker thread: the bytes (or why not)
-/// and the seconds it took.
-type EncodeJob = tokio::task::JoinHandle<(Result<Vec<u8>, String>, f64)>;
+/// A drawing's encoded bytes (or why not), filled into its row by
+/// [`WaveRows::finish`], so an encode failure means the same in both modes of
+/// [`WaveContext::overlap_encode`].
+enum Encode {
+    /// Encoded in place (its time is in the wave's `encode` stage).
+    Done(Result<Vec<u8>, String>),
+    /// Running on the runtime's blocking threads: bytes and seconds taken.
+    Running(tokio::task::JoinHandle<(Result<Vec<u8>, String>, f64)>),
+}
 
 /// A finished wave's rows, `(rounds + 1)` per target in (target, round)
-/// order. Drawings still being encoded fill in their rows' image bytes in
-/// [`WaveRows::finish`].
+/// order. The drawings' bytes go into their rows in [`WaveRows::finish`].
 pub struct WaveRows {
     records: Vec<Record>,
-    encoding: Vec<(usize, EncodeJob)>,
+    encoding: Vec<(usize, Encode)>,
 }
 
 impl WaveRows {
@@ -171,11 +176,17 @@ impl WaveRows {
     pub fn finish(self, runtime: &tokio::runtime::Runtime) -> (Vec<Record>, f64) {
         let mut records = self.records;
         let mut seconds = 0.0;
-        for (at, job) in self.encoding {
-            let (bytes, s) = runtime
-                .block_on(job)
-                .unwrap_or_else(|e| (Err(format!("the encoder stopped: {e}")), 0.0));
-            seconds += s;
+        for (at, encode) in self.encoding {
+            let bytes = match encode {
+                Encode::Done(bytes) => bytes,
+                Encode::Running(job) => {
+                    let (bytes, s) = runtime
+                        .block_on(job)
+                        .unwrap_or_else(|e| (Err(format!("the encoder stopped: {e}")), 0.0));
+                    seconds += s;
+                    bytes
+                }
+            };
             let row = &mut records[at];
             match (bytes, row.synthetic_image.as_mut()) {
                 (Ok(bytes), Some(cell)) => cell.bytes = bytes,
@@ -196,8 +207,6 @@ impl WaveRows {
     }
 }
 
-/// Runs `call` on the whole batch; if it errs or panics, runs it item by item
-/// so one bad item cannot fail its neighbours.
 /// An item, its drawing (genir mode), and its retrieval vector.
 type Embedded = (usize, Option<Arc<RgbImage>>, Result<Vec<f32>, String>);
 
@@ -213,6 +222,8 @@ fn call_isolated<Q: Clone + Sync, O: Send>(
     kernels.run(|| isolated(requests, call))
 }
 
+/// Runs `call` on the whole batch; if it errs or panics, runs it item by item
+/// so one bad item cannot fail its neighbours.
 fn isolated<Q: Clone, O>(requests: &[Q], call: &mut BatchCall<'_, Q, O>) -> Vec<Result<O, String>> {
     let mut guarded = |reqs: &[Q]| -> Result<Vec<O>, String> {
         match catch_unwind(AssertUnwindSafe(|| call(reqs))) {
@@ -547,38 +558,28 @@ impl Wave {
         let mut synthetic: Vec<(usize, Option<Arc<RgbImage>>)> = Vec::new();
         let t = Instant::now();
         ctx.heartbeats.enter(self.worker, "encode", &self.ids);
+        let (format, quality) = (cfg.output.image_format, cfg.output.jpeg_quality);
         for (p, found) in std::mem::take(&mut self.pending).into_iter().zip(results) {
             let item = &mut self.items[p.item];
-            let (format, quality) = (cfg.output.image_format, cfg.output.jpeg_quality);
-            let cell = match &p.image {
-                Some(img) => {
-                    let name = file_name(&item.id);
-                    let stem = name.rsplit_once('.').map(|(s, _)| s).unwrap_or(name);
-                    let path = format!("{stem}_{round}.{}", format.extension());
-                    if ctx.overlap_encode {
-                        let img = img.clone();
-                        let job = ctx.runtime.spawn_blocking(move || {
-                            let t = Instant::now();
-                            let bytes = encode(&img, format, quality).map_err(|e| e.to_string());
-                            (bytes, t.elapsed().as_secs_f64())
-                        });
-                        item.encoding.push((item.rows.len(), job));
-                        Some(ImageCell {
-                            bytes: vec![],
-                            path,
-                        })
-                    } else {
-                        match encode(img, format, quality) {
-                            Ok(bytes) => Some(ImageCell { bytes, path }),
-                            Err(e) => {
-                                item.failed = Some((round, format!("round {round} encode: {e}")));
-                                continue;
-                            }
-                        }
-                    }
+            let cell = p.image.as_ref().map(|img| {
+                let name = file_name(&item.id);
+                let stem = name.rsplit_once('.').map(|(s, _)| s).unwrap_or(name);
+                let encoded = if ctx.overlap_encode {
+                    let img = img.clone();
+                    Encode::Running(ctx.runtime.spawn_blocking(move || {
+                        let t = Instant::now();
+                        let bytes = encode(&img, format, quality).map_err(|e| e.to_string());
+                        (bytes, t.elapsed().as_secs_f64())
+                    }))
+                } else {
+                    Encode::Done(encode(img, format, quality).map_err(|e| e.to_string()))
+                };
+                item.encoding.push((item.rows.len(), encoded));
+                ImageCell {
+                    bytes: vec![],
+                    path: format!("{stem}_{round}.{}", format.extension()),
                 }
-                None => None,
-            };
+            });
             // prediction feedback shows the top-1 retrieved real image
             let shown = match cfg.run.mode {
                 Mode::Genir => p.image,
@@ -722,7 +723,7 @@ impl Wave {
         let mut encoding = Vec::new();
         for mut item in self.items {
             let base = records.len();
-            encoding.extend(item.encoding.drain(..).map(|(at, job)| (base + at, job)));
+            encoding.extend(item.encoding.drain(..).map(|(at, e)| (base + at, e)));
             if let Some((at, reason)) = &item.failed {
                 for round in item.rows.len() as i32..=last_round {
                     let error = if round == *at {
@@ -774,8 +775,8 @@ pub fn run_wave(
 mod tests {
     use super::*;
 
-    /// Encodes finished off the worker thread land in their rows; one that
-    /// failed makes only its own row `failed` (keeping the target image).
+    /// Encodes land in their rows; one that failed makes only its own row
+    /// `failed` (keeping the target image), whether it ran in place or not.
     #[test]
     fn overlapped_encodes_fill_their_rows_and_a_failed_one_fails_only_its_row() {
         let runtime = tokio::runtime::Builder::new_current_thread()
@@ -797,13 +798,17 @@ mod tests {
             r.query = Some(format!("query {round}"));
             r
         };
-        let job = |out: Result<Vec<u8>, String>| runtime.spawn_blocking(move || (out, 0.5));
+        let job = |out: Result<Vec<u8>, String>| {
+            Encode::Running(runtime.spawn_blocking(move || (out, 0.5)))
+        };
         let rows = WaveRows {
-            records: vec![row(0), row(1), row(2)],
+            records: vec![row(0), row(1), row(2), row(3)],
             encoding: vec![
                 (0, job(Ok(vec![9, 9]))),
                 (1, job(Err("disk full".into()))),
                 (2, job(Ok(vec![8]))),
+                // encoded in place: same rules, its time is not counted again
+                (3, Encode::Done(Err("disk full".into()))),
             ],
         };
         let (records, seconds) = rows.finish(&runtime);
@@ -820,6 +825,11 @@ mod tests {
         assert!(failed.synthetic_image.is_none() && failed.query.is_none());
         assert_eq!(failed.target_image.as_ref().unwrap().bytes, vec![1, 2]);
         assert_eq!((failed.round, failed.seed), (1, 7));
+        assert_eq!(records[3].status, RecordStatus::Failed);
+        assert_eq!(
+            records[3].error.as_deref(),
+            Some("round 3 encode: disk full")
+        );
     }
 
     #[test]
